@@ -1,0 +1,6 @@
+"""ComfyUI glue: node classes and the custom operations they install. Imports comfy."""
+from __future__ import annotations
+
+from .loader_nodes import QuantDiTLoader
+
+NODES = [QuantDiTLoader]

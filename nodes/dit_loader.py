@@ -1,0 +1,63 @@
+"""Turn a pre-quantized DiT file into a ComfyUI MODEL served by this pack's quantized ops."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.model_detection
+import comfy.sd
+import comfy.utils
+
+from ..quant.errors import CheckpointError
+from ..quant.formats.detect import LayerQuant
+from ..quant.formats.load import layout_of, load_checkpoint
+from ..quant.reference import weight_nbytes
+from ..quant.report import QuantReport, layer_group
+from ..quant.schemes import get_scheme
+from .ops import make_quant_ops
+
+log = logging.getLogger("quantdit")
+
+COMPUTE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "default"):
+    sd, plan, metadata = load_checkpoint(path)
+    if not plan.is_quantized:
+        raise CheckpointError(path, "holds no quantized layers.",
+                              "load plain checkpoints with ComfyUI's 'Load Diffusion Model' node, or pass "
+                              "them through 'Quantize Model (QuantDiT)'.")
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    layers = {q.layer: q for q in plan.layers.values()}
+    if prefix and any(k.startswith(prefix) for k in sd):
+        sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
+        layers = {name[len(prefix):]: q for name, q in layers.items() if name.startswith(prefix)}
+    ops = make_quant_ops(layers, path, None if backend == "auto" else backend)
+    options = {"custom_operations": ops}
+    if COMPUTE_DTYPES[compute_dtype] is not None:
+        options["dtype"] = COMPUTE_DTYPES[compute_dtype]
+    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, metadata=metadata,
+                                                     disable_dynamic=True)
+    if model is None:
+        raise CheckpointError(path, "ComfyUI could not detect which model architecture this is.",
+                              "check that the file is a complete DiT (Wan, Flux, Qwen-Image, HunyuanVideo).")
+    unclaimed = sorted(set(layers) - ops.loaded_layers)
+    if unclaimed:
+        raise CheckpointError(path, f"{len(unclaimed)} quantized layers have no matching Linear in the "
+                              f"detected model (first: {unclaimed[0]}).",
+                              "the file does not match the architecture ComfyUI detected; re-export it from "
+                              "the original model.", unclaimed[0])
+    return model, build_report(path, layout_of(plan), layers)
+
+
+def build_report(path: str, layout: str, layers: dict[str, LayerQuant]) -> QuantReport:
+    report = QuantReport(source=os.path.basename(path), layout=layout)
+    for name, q in layers.items():
+        report.schemes[q.scheme] = report.schemes.get(q.scheme, 0) + 1
+        report.groups[layer_group(name)] = q.scheme
+        out_f, in_f = q.shape
+        report.quantized_bytes += weight_nbytes(out_f, in_f, get_scheme(q.scheme))
+        report.bf16_equivalent_bytes += out_f * in_f * 2
+    return report

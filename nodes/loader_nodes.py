@@ -1,0 +1,47 @@
+"""Loader nodes: thin wrappers that turn widget values into nodes/dit_loader calls."""
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..quant.backends import list_backends
+from .dit_loader import COMPUTE_DTYPES, load_quantized_dit
+
+
+def backend_options() -> list[str]:
+    return ["auto"] + sorted(list_backends())
+
+
+class QuantDiTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuantDiTLoader",
+            display_name="Load Quantized DiT (QuantDiT)",
+            category="QuantDiT/loaders",
+            description="Loads a pre-quantized diffusion transformer (LightX2V int8/fp8, LLMC export, "
+                        "ComfyUI scaled fp8 or _quantization_metadata) from models/diffusion_models. "
+                        "The MODEL output feeds KSampler like any other.",
+            inputs=[
+                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="A quantized DiT file in models/diffusion_models."),
+                io.Combo.Input("backend", options=backend_options(), default="auto",
+                               tooltip="Kernel provider. 'auto' picks the fastest one that can run each "
+                                       "layer's scheme on your device; a named one that cannot falls back "
+                                       "and the report says so."),
+                io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="default",
+                               tooltip="dtype for activations and the unquantized layers. 'default' lets "
+                                       "ComfyUI choose for your device."),
+            ],
+            outputs=[
+                io.Model.Output(),
+                io.String.Output(display_name="report", tooltip="What was found: scheme per layer group "
+                                 "and bytes saved."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, unet_name, backend, compute_dtype) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        model, report = load_quantized_dit(path, backend, compute_dtype)
+        return io.NodeOutput(model, report.text())

@@ -1,0 +1,117 @@
+"""ComfyUI custom operations whose Linear layers hold quantized weights.
+
+Made per load by `make_quant_ops` (no configuration lives on shared classes) and handed to
+ComfyUI through `model_options["custom_operations"]`. The math and the kernels are in quant/.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.ops
+
+from ..quant import reference
+from ..quant.backends import pick_backend
+from ..quant.errors import CheckpointError
+from ..quant.formats.detect import LayerQuant
+from ..quant.schemes import Scheme, get_scheme
+
+
+class QuantLinearMixin:
+    """Behaviour shared by every quantized Linear, whatever the ComfyUI base op class is."""
+    quant_scheme: Scheme | None = None
+    quant_backend_pref: str | None = None
+
+    def quant_setup(self, scheme: Scheme, qdata: torch.Tensor, scale: torch.Tensor):
+        self.quant_scheme = scheme
+        self.weight = torch.nn.Parameter(qdata, requires_grad=False)
+        self.weight_scale = torch.nn.Parameter(scale.to(torch.float32), requires_grad=False)
+        self._kernels: dict[str, object] = {}
+
+    def _kernel(self, device: torch.device):
+        key = str(device)
+        if key not in self._kernels:
+            self._kernels[key] = pick_backend(self.quant_scheme, device, self.quant_backend_pref)
+        return self._kernels[key]
+
+    def quant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device
+        qdata = comfy.model_management.cast_to_device(self.weight, dev, None)
+        scale = comfy.model_management.cast_to_device(self.weight_scale, dev, None)
+        bias = None if self.bias is None else comfy.model_management.cast_to_device(self.bias, dev, x.dtype)
+        if len(self.weight_function) or len(self.bias_function):
+            return self._patched_forward(x, qdata, scale, bias)
+        k = self.in_features
+        y = self._kernel(dev).linear(x.reshape(-1, k), qdata, scale, bias, self.quant_scheme, k)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _patched_forward(self, x, qdata, scale, bias):
+        # lowvram LoRA path: ComfyUI hands us functions of the float weight.
+        w = reference.dequantize_weight(qdata, scale, self.quant_scheme, self.in_features).to(x.dtype)
+        for f in self.weight_function:
+            w = f(w)
+        for f in self.bias_function:
+            bias = f(bias)
+        return torch.nn.functional.linear(x, w, bias)
+
+    # ModelPatcher.patch_weight_to_device calls these (dequantize -> patch -> requantize).
+    def convert_weight(self, weight, inplace=False, **kwargs):
+        if self.quant_scheme is None:
+            return weight
+        q = weight.to(self.weight.dtype)
+        return reference.dequantize_weight(q, self.weight_scale.to(weight.device), self.quant_scheme,
+                                           self.in_features)
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        if self.quant_scheme is None:
+            weight = weight.to(self.weight.dtype)
+        else:
+            weight = reference.requantize_with_scale(weight, self.weight_scale.to(weight.device), self.quant_scheme)
+        if return_weight:
+            return weight
+        self.weight = torch.nn.Parameter(weight.to(self.weight.device), requires_grad=False)
+
+
+def make_quant_ops(layers: dict[str, LayerQuant], path: str, backend: str | None = None):
+    """Operations for one load: `layers` maps module names (as ComfyUI prefixes them) to plans."""
+    claimed: set[str] = set()
+
+    class QuantDiTOps(comfy.ops.manual_cast):
+        quantized_layers = layers
+        loaded_layers = claimed
+
+        class Linear(QuantLinearMixin, comfy.ops.manual_cast.Linear):
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs):
+                layer = prefix[:-1]
+                plan = layers.get(layer)
+                if plan is None:
+                    return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                         missing_keys, unexpected_keys, error_msgs)
+                qdata = state_dict.get(prefix + "weight")
+                scale = state_dict.get(prefix + "weight_scale")
+                expected = (self.out_features, self.in_features)
+                if qdata is None or scale is None:
+                    raise CheckpointError(path, "quantized weight or its scale is missing from the state dict.",
+                                          "re-export the checkpoint.", layer)
+                if tuple(qdata.shape) != expected:
+                    raise CheckpointError(path, f"weight is {list(qdata.shape)} but the detected model "
+                                          f"architecture expects {list(expected)} here.",
+                                          "check that the file matches the model family (e.g. Wan 1.3B vs 14B) "
+                                          "and was not cut or re-shaped.", layer)
+                self.quant_setup(get_scheme(plan.scheme), qdata, scale)
+                self.quant_backend_pref = backend
+                bias = state_dict.get(prefix + "bias")
+                if bias is not None:
+                    self.bias = torch.nn.Parameter(bias, requires_grad=False)
+                elif self.bias is not None:
+                    missing_keys.append(prefix + "bias")
+                claimed.add(layer)
+
+            def forward(self, *args, **kwargs):
+                if self.quant_scheme is None:
+                    return super().forward(*args, **kwargs)
+                comfy.ops.run_every_op()
+                return self.quant_forward(args[0])
+
+    return QuantDiTOps

@@ -1,0 +1,1 @@
+"""Quantization core: pure torch + safetensors. Never imports ComfyUI."""

@@ -1,0 +1,95 @@
+"""Kernel providers: who can run which scheme on which device, and why not when they cannot.
+
+A backend module registers itself with `register_backend`. Each reports `availability()`
+(installed / importable / GPU capable) with a reason, and `supports(scheme, device)`.
+`pick_backend` returns the best one for a scheme and device, or raises NoCapableBackendError
+listing every backend's reason.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..schemes import Scheme
+
+log = logging.getLogger("quantdit")
+
+# fn(x2d, qdata, scale, bias, scheme, in_features) -> y2d in x2d.dtype
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Scheme, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    priority: int                                   # higher wins under "auto"
+    availability: Callable[[], Optional[str]]       # None if usable, else why not
+    supports: Callable[[Scheme, torch.device], Optional[str]]  # None if it runs, else why not
+    linear: LinearFn
+    install_hint: str = ""
+
+
+class NoCapableBackendError(RuntimeError):
+    def __init__(self, scheme: Scheme, device: torch.device, reasons: dict[str, str]):
+        self.reasons = reasons
+        lines = "; ".join(f"{n}: {r}" for n, r in reasons.items())
+        super().__init__(f"no kernel backend can run {scheme.name} on {device}: {lines}")
+
+
+class BackendUnavailableError(RuntimeError):
+    pass
+
+
+_BACKENDS: dict[str, Backend] = {}
+_warned: set[tuple] = set()
+
+
+def register_backend(backend: Backend) -> Backend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def list_backends() -> dict[str, Optional[str]]:
+    """name -> None when available, else the reason it is not."""
+    return {name: b.availability() for name, b in _BACKENDS.items()}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise BackendUnavailableError(f"unknown kernel backend {name!r}; known: {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+def pick_backend(scheme: Scheme, device: torch.device, preferred: Optional[str] = None,
+                 strict: bool = False) -> Backend:
+    """The best backend for (scheme, device). A `preferred` one (e.g. from an alias such as
+    int8-vllm) is used when it can run; otherwise, unless `strict`, the fallback is logged once."""
+    if preferred and preferred != "auto":
+        b = _BACKENDS.get(preferred)
+        why = "not a known backend" if b is None else (b.availability() or b.supports(scheme, device))
+        if why is None:
+            return b
+        if strict:
+            hint = f" {b.install_hint}" if b is not None and b.install_hint else ""
+            raise BackendUnavailableError(f"kernel backend {preferred!r} cannot run {scheme.name} on "
+                                          f"{device}: {why}.{hint}")
+        key = (preferred, scheme.name, str(device))
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("QuantDiT: backend %r cannot run %s on %s (%s); using the best available one",
+                        preferred, scheme.name, device, why)
+    reasons: dict[str, str] = {}
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        why = b.availability() or b.supports(scheme, device)
+        if why is None:
+            return b
+        reasons[b.name] = why
+    raise NoCapableBackendError(scheme, device, reasons)
+
+
+def cuda_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)

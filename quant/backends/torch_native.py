@@ -1,0 +1,65 @@
+"""Kernels that ship with PyTorch itself: rowwise fp8 `torch._scaled_mm` (sm89+), and weight-only
+upcast + cuBLAS for the weight-only schemes."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ..schemes import Scheme, get_scheme
+from .registry import Backend, cuda_capability, register_backend
+
+_FP8 = get_scheme("fp8-w8a8")
+_WEIGHT_ONLY = {"fp8-weight-only", "int8-weight-only", "fp8-scaled"}
+
+
+def _availability():
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
+def _supports(scheme: Scheme, device: torch.device):
+    cap = cuda_capability(device)
+    if cap is None:
+        return f"runs on CUDA devices only (got {device})"
+    if scheme.name == "fp8-w8a8":
+        if cap < (8, 9):
+            return f"fp8 tensor cores need compute capability 8.9+, this GPU is {cap[0]}.{cap[1]}"
+        return None
+    if scheme.name in _WEIGHT_ONLY:
+        return None
+    return f"no torch-native kernel for {scheme.name}"
+
+
+def per_token_fp8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = x2d.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / reference.FP8_MAX
+    q = (x2d.float() / scale).clamp(-reference.FP8_MAX, reference.FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def _linear(x2d, qdata, scale, bias, scheme, in_features):
+    if scheme.name == "fp8-w8a8":
+        return _fp8_rowwise(x2d, qdata, scale, bias)
+    w = qdata.to(x2d.dtype) * scale.to(x2d.dtype)  # [out,1] or scalar scale broadcasts
+    return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+
+
+def _fp8_rowwise(x2d, qdata, scale, bias):
+    m, k = x2d.shape
+    if k % 16 or qdata.shape[0] % 16:
+        # _scaled_mm needs K and N multiples of 16; the layer filter normally keeps such layers out.
+        return reference.emulated_linear(x2d, qdata, scale, _FP8, bias, k)
+    xq, xs = per_token_fp8(x2d)
+    out_dtype = torch.bfloat16
+    y = torch._scaled_mm(xq, qdata.t(), scale_a=xs, scale_b=scale.reshape(1, -1).float(), out_dtype=out_dtype)
+    if bias is not None:
+        y = y + bias.to(out_dtype)
+    return y.to(x2d.dtype)
+
+
+
+TORCH_NATIVE = register_backend(Backend(
+    name="torch", priority=10, availability=_availability, supports=_supports, linear=_linear,
+    install_hint="It needs a CUDA build of PyTorch and an NVIDIA GPU.",
+))

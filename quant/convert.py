@@ -1,0 +1,124 @@
+"""Streaming converter: a bf16/fp16/fp32 DiT safetensors file -> a quantized one.
+
+One tensor is read, quantized and written at a time. The source is never modified; the output
+is written to a temp file and renamed only when complete.
+
+    python -m quant.convert SRC.safetensors DST.safetensors --scheme int8-vllm --layout lightx2v
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+from .errors import CheckpointError
+from .filters import DEFAULT_FILTER, LayerFilter
+from .formats.safetensors_file import SafetensorsFile
+from .formats.writer import PlannedTensor, write_safetensors
+from .schemes import BLOCK_128, FP8_E4M3, GROUP_128, INT8, PER_CHANNEL, PER_TENSOR, Scheme, resolve
+
+LIGHTX2V = "lightx2v"
+COMFY_SCALED = "comfyui-scaled-fp8"
+COMFY_METADATA = "comfyui-metadata"
+LAYOUTS = (LIGHTX2V, COMFY_SCALED, COMFY_METADATA)
+
+_DTYPE_OF_FORMAT = {FP8_E4M3: torch.float8_e4m3fn, INT8: torch.int8}
+
+
+def _check_layout(scheme: Scheme, layout: str):
+    ok = {LIGHTX2V: {"int8-w8a8", "fp8-w8a8", "fp8-block128", "int8-weight-only", "fp8-weight-only"},
+          COMFY_SCALED: {"fp8-scaled"}, COMFY_METADATA: {"fp8-scaled"}}
+    if layout not in ok:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if scheme.name not in ok[layout]:
+        raise ValueError(f"the {layout} layout cannot hold scheme {scheme.name}; it holds "
+                         f"{', '.join(sorted(ok[layout]))}")
+
+
+def _scale_shape(scheme: Scheme, out_f: int, in_f: int) -> tuple[int, ...]:
+    g = scheme.weight_granularity
+    if g == PER_CHANNEL:
+        return (out_f, 1)
+    if g == PER_TENSOR:
+        return ()
+    if g == BLOCK_128:
+        return (-(-out_f // 128), -(-in_f // 128))
+    raise ValueError(f"no file layout for {scheme.name} weights yet")
+
+
+def convert(src: str, dst: str, scheme_name: str, layout: str = LIGHTX2V,
+            layer_filter: LayerFilter = DEFAULT_FILTER,
+            progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Quantize `src` into `dst`; returns a report {quantized: [...], skipped: {name: reason}}."""
+    scheme = resolve(scheme_name).scheme
+    _check_layout(scheme, layout)
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise CheckpointError(src, "the output path is the source file.",
+                              "choose another output name; the source checkpoint is never overwritten.")
+    f = SafetensorsFile(src)
+    if any(f.dtype_name(k) in ("I8", "F8_E4M3", "U8") for k in f.keys()):
+        raise CheckpointError(src, "is already quantized.", "convert from the original bf16/fp16 checkpoint.")
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def quantized(key: str):
+        if key not in cache:
+            cache.clear()  # only the layer being written is ever held
+            cache[key] = reference.quantize_weight(f.get(key).float(), scheme)
+        return cache[key]
+
+    planned, report = [], {"quantized": [], "skipped": {}}
+    scale_suffix = ".weight_scale" if layout != COMFY_SCALED else ".scale_weight"
+    for key in f.keys():
+        shape = f.shape(key)
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        reason = layer_filter.skip_reason(layer, shape) if layer else "not a weight"
+        if layer is None or reason is not None:
+            if layer is not None and len(shape) == 2:
+                report["skipped"][layer] = reason
+            planned.append(PlannedTensor(key, _torch_dtype(f, key), shape, lambda k=key: f.get(k)))
+            continue
+        out_f, in_f = shape
+        qdtype = _DTYPE_OF_FORMAT[scheme.weight_format]
+        planned.append(PlannedTensor(key, qdtype, shape, lambda k=key: quantized(k)[0]))
+        planned.append(PlannedTensor(layer + scale_suffix, torch.float32, _scale_shape(scheme, out_f, in_f),
+                                     lambda k=key, s=_scale_shape(scheme, out_f, in_f): quantized(k)[1].reshape(s)))
+        report["quantized"].append(layer)
+    metadata = dict(f.metadata)
+    if layout == COMFY_SCALED:
+        planned.append(PlannedTensor("scaled_fp8", torch.float8_e4m3fn, (0,), lambda: torch.empty(0, dtype=torch.float8_e4m3fn)))
+    if layout == COMFY_METADATA:
+        metadata["_quantization_metadata"] = json.dumps(
+            {"format_version": "1.0", "layers": {n: {"format": "float8_e4m3fn"} for n in report["quantized"]}})
+    metadata["quantdit_scheme"] = scheme.name
+    write_safetensors(dst, planned, metadata, progress)
+    return report
+
+
+_DT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
+
+
+def _torch_dtype(f: SafetensorsFile, key: str) -> torch.dtype:
+    return _DT[f.dtype_name(key)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m quant.convert", description=__doc__.splitlines()[0])
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--scheme", required=True, help="a scheme or alias, e.g. int8-vllm, fp8-sgl, fp8-scaled")
+    p.add_argument("--layout", default=LIGHTX2V, choices=LAYOUTS)
+    a = p.parse_args(argv)
+    report = convert(a.src, a.dst, a.scheme, a.layout,
+                     progress=lambda i, n: print(f"\r{i}/{n} tensors", end="", file=sys.stderr))
+    print(f"\nwrote {a.dst}: {len(report['quantized'])} layers quantized, {len(report['skipped'])} kept", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Which Linear layers of a DiT are worth quantizing, with the reason for each skip.
+
+Defaults follow what LightX2V quantizes: the attention and FFN linears inside transformer blocks.
+Norms, embeddings (patch/time/text/image), modulation (adaLN) and the output head stay in high
+precision: they are small, run with few rows (W8A8 is slower than bf16 there, see DESIGN.md) and
+are sensitive to quantization.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+_BLOCK = re.compile(r"(^|\.)(blocks|double_blocks|single_blocks|transformer_blocks|layers|vace_blocks)\.\d+\.")
+_SENSITIVE = re.compile(r"(^|[._])([a-z_]*norm[a-z_0-9]*|[a-z_]*mod|modulation|adaLN_modulation|"
+                        r"[a-z_]*emb[a-z_]*|head|proj_out|final_layer)([._]|$)")
+
+
+@dataclass(frozen=True)
+class LayerFilter:
+    min_dim_multiple: int = 16        # tensor-core GEMMs need K and N multiples of 16
+    blocks_only: bool = True          # only layers inside transformer blocks
+    extra_skip: tuple[str, ...] = ()  # substrings the user wants kept in high precision
+
+    def skip_reason(self, name: str, shape: tuple[int, ...]) -> Optional[str]:
+        """None if the layer should be quantized, else a short reason."""
+        if len(shape) != 2:
+            return "not a Linear weight"
+        if self.blocks_only and not _BLOCK.search(name + "."):
+            return "outside the transformer blocks (embedding, time/text projection or head)"
+        if _SENSITIVE.search(name):
+            return "norm / modulation / embedding / head layer (kept in high precision)"
+        for s in self.extra_skip:
+            if s and s in name:
+                return f"matches the user skip pattern {s!r}"
+        out_f, in_f = shape
+        m = self.min_dim_multiple
+        if m > 1 and (out_f % m or in_f % m):
+            return f"shape {out_f}x{in_f} is not a multiple of {m}"
+        return None
+
+
+DEFAULT_FILTER = LayerFilter()

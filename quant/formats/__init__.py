@@ -1,0 +1,1 @@
+"""Checkpoint readers, writers and layout detection. Pure torch + safetensors."""

@@ -1,0 +1,202 @@
+"""Which layers of a checkpoint are quantized, in which layout and scheme.
+
+Layouts understood (detected per layer, never guessed silently):
+- LightX2V / LLMC export: ``X.weight`` int8 or fp8 e4m3 with ``X.weight_scale`` float32 of shape
+  [out, 1] (per channel, W8A8) or [ceil(out/128), ceil(in/128)] (fp8 block-128).
+- ComfyUI scaled fp8: a ``scaled_fp8`` marker tensor and ``X.scale_weight`` per-tensor scales.
+- ComfyUI ``_quantization_metadata`` (safetensors metadata) with ``X.weight_scale`` per tensor.
+- A plain fp8 cast file (fp8 weights, no scales anywhere): scale 1.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import CheckpointError
+from .safetensors_file import SafetensorsFile
+
+QUANT_DTYPES = {"I8": "int8", "F8_E4M3": "fp8_e4m3"}
+FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
+
+LIGHTX2V = "lightx2v"
+COMFY_SCALED_FP8 = "comfyui-scaled-fp8"
+COMFY_QUANT_METADATA = "comfyui-quantization-metadata"
+FP8_CAST = "fp8-cast-unscaled"
+
+_COMFY_FORMATS = {"float8_e4m3fn": "fp8-scaled"}
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    layer: str              # module path without ".weight"
+    scheme: str             # canonical scheme name (quant.schemes)
+    layout: str             # one of the layout constants above
+    weight_key: str
+    scale_key: Optional[str]  # None: unscaled fp8 cast (scale 1)
+    shape: tuple[int, int]  # [out, in]
+
+
+@dataclass
+class CheckpointPlan:
+    path: str
+    layers: dict[str, LayerQuant] = field(default_factory=dict)
+    ignored_keys: list[str] = field(default_factory=list)   # e.g. the scaled_fp8 marker
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(self.layers)
+
+    def layouts(self) -> set[str]:
+        return {q.layout for q in self.layers.values()}
+
+    def scheme_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for q in self.layers.values():
+            counts[q.scheme] = counts.get(q.scheme, 0) + 1
+        return counts
+
+
+def _layer_of(key: str, suffix: str) -> Optional[str]:
+    return key[: -len(suffix)] if key.endswith(suffix) else None
+
+
+def plan_checkpoint(f: SafetensorsFile) -> CheckpointPlan:
+    """Inspect the header (no tensor data is read) and return the per-layer plan."""
+    if "_quantization_metadata" in f.metadata:
+        plan = _plan_comfy_metadata(f)
+    elif any(k == "scaled_fp8" or k.endswith(".scaled_fp8") for k in f.keys()):
+        plan = _plan_comfy_scaled_fp8(f)
+    else:
+        plan = _plan_lightx2v(f)
+    _check_no_stray_quantized(f, plan)
+    return plan
+
+
+def _require_linear(f: SafetensorsFile, layer: str, weight_key: str) -> tuple[int, int]:
+    shape = f.shape(weight_key)
+    if len(shape) != 2:
+        raise CheckpointError(f.path, f"quantized weight has shape {list(shape)}; only Linear "
+                              "(2-D) weights can be quantized.",
+                              "re-export the checkpoint keeping convolutions in bf16/fp16.", layer)
+    return shape[0], shape[1]
+
+
+def _check_dtype(f: SafetensorsFile, key: str, layer: str):
+    dt = f.dtype_name(key)
+    if dt not in QUANT_DTYPES and dt not in FLOAT_DTYPES:
+        raise CheckpointError(f.path, f"weight dtype {dt} is not one QuantDiT can read "
+                              f"(expected int8, float8_e4m3fn, or a float type).",
+                              "re-export the layer as int8 or float8_e4m3fn with a float32 scale.", layer)
+
+
+def _plan_lightx2v(f: SafetensorsFile) -> CheckpointPlan:
+    plan = CheckpointPlan(f.path)
+    keys = set(f.keys())
+    any_scale = any(k.endswith(".weight_scale") for k in keys)
+    for key in sorted(keys):
+        layer = _layer_of(key, ".weight")
+        if layer is None:
+            continue
+        _check_dtype(f, key, layer)
+        dt = f.dtype_name(key)
+        scale_key = layer + ".weight_scale"
+        if dt not in QUANT_DTYPES:
+            if scale_key in keys:
+                raise CheckpointError(f.path, f"has a weight_scale but its weight is {dt}, not "
+                                      "int8/fp8: the file is half-converted.",
+                                      "re-export the checkpoint from the original model.", layer)
+            continue
+        out_f, in_f = _require_linear(f, layer, key)
+        fmt = QUANT_DTYPES[dt]
+        if scale_key not in keys:
+            if fmt == "fp8_e4m3" and not any_scale:
+                plan.layers[layer] = LayerQuant(layer, "fp8-scaled", FP8_CAST, key, None, (out_f, in_f))
+                continue
+            raise CheckpointError(f.path, f"{fmt} weight has no '{scale_key}' tensor, so its values "
+                                  "cannot be interpreted.",
+                                  "use a complete LightX2V/LLMC export (every quantized weight needs its "
+                                  "float32 weight_scale).", layer)
+        scheme = _scheme_from_scale_shape(f, layer, fmt, f.shape(scale_key), out_f, in_f)
+        plan.layers[layer] = LayerQuant(layer, scheme, LIGHTX2V, key, scale_key, (out_f, in_f))
+    return plan
+
+
+def _scheme_from_scale_shape(f, layer, fmt, sshape, out_f, in_f) -> str:
+    numel = math.prod(sshape) if sshape else 1
+    if tuple(sshape) in ((out_f, 1), (out_f,)):
+        return "int8-w8a8" if fmt == "int8" else "fp8-w8a8"
+    blocks = (math.ceil(out_f / 128), math.ceil(in_f / 128))
+    if fmt == "fp8_e4m3" and tuple(sshape) == blocks:
+        return "fp8-block128"
+    if fmt == "fp8_e4m3" and numel == 1:
+        return "fp8-scaled"
+    expected = f"[{out_f}, 1] (per channel)" + (f" or {list(blocks)} (128x128 blocks)" if fmt == "fp8_e4m3" else "")
+    raise CheckpointError(f.path, f"weight_scale has shape {list(sshape)} but the {fmt} weight is "
+                          f"[{out_f}, {in_f}]; expected {expected}.",
+                          "re-export the checkpoint; the scale does not belong to this weight.", layer)
+
+
+def _plan_comfy_scaled_fp8(f: SafetensorsFile) -> CheckpointPlan:
+    plan = CheckpointPlan(f.path, ignored_keys=[k for k in f.keys() if k.endswith("scaled_fp8")])
+    keys = set(f.keys())
+    for key in sorted(keys):
+        layer = _layer_of(key, ".weight")
+        if layer is None:
+            continue
+        _check_dtype(f, key, layer)
+        if f.dtype_name(key) != "F8_E4M3":
+            continue
+        out_f, in_f = _require_linear(f, layer, key)
+        scale_key = layer + ".scale_weight"
+        if scale_key not in keys:
+            raise CheckpointError(f.path, f"fp8 weight has no '{scale_key}' although the file is "
+                                  "marked scaled_fp8.", "re-export the checkpoint.", layer)
+        if math.prod(f.shape(scale_key)) != 1:
+            raise CheckpointError(f.path, f"scale_weight has shape {list(f.shape(scale_key))}; "
+                                  "ComfyUI scaled fp8 uses one scalar per weight.", "re-export the checkpoint.", layer)
+        plan.layers[layer] = LayerQuant(layer, "fp8-scaled", COMFY_SCALED_FP8, key, scale_key, (out_f, in_f))
+    return plan
+
+
+def _plan_comfy_metadata(f: SafetensorsFile) -> CheckpointPlan:
+    plan = CheckpointPlan(f.path)
+    try:
+        layers = json.loads(f.metadata["_quantization_metadata"])["layers"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f.path, "its _quantization_metadata is not valid JSON with a 'layers' map.",
+                              "re-export the checkpoint with ComfyUI's quantization tools.") from None
+    for layer, conf in sorted(layers.items()):
+        fmt = conf.get("format") if isinstance(conf, dict) else None
+        if fmt not in _COMFY_FORMATS:
+            raise CheckpointError(f.path, f"quantization format {fmt!r} is not supported by QuantDiT "
+                                  f"(supported: {', '.join(_COMFY_FORMATS)}).",
+                                  "load this file with ComfyUI's own 'Load Diffusion Model' node.", layer)
+        key, scale_key = layer + ".weight", layer + ".weight_scale"
+        if key not in f:
+            raise CheckpointError(f.path, "is listed in _quantization_metadata but has no weight.",
+                                  "re-export the checkpoint.", layer)
+        if f.dtype_name(key) != "F8_E4M3":
+            raise CheckpointError(f.path, f"is listed as {fmt} but its weight is {f.dtype_name(key)}.",
+                                  "re-export the checkpoint.", layer)
+        out_f, in_f = _require_linear(f, layer, key)
+        if scale_key not in f:
+            raise CheckpointError(f.path, f"has no '{scale_key}'.", "re-export the checkpoint.", layer)
+        if math.prod(f.shape(scale_key)) != 1:
+            raise CheckpointError(f.path, f"weight_scale has shape {list(f.shape(scale_key))}; "
+                                  f"{fmt} uses one scalar per weight.", "re-export the checkpoint.", layer)
+        plan.layers[layer] = LayerQuant(layer, _COMFY_FORMATS[fmt], COMFY_QUANT_METADATA, key, scale_key,
+                                        (out_f, in_f))
+    return plan
+
+
+def _check_no_stray_quantized(f: SafetensorsFile, plan: CheckpointPlan):
+    """A quantized tensor the plan does not account for would load as garbage: refuse."""
+    claimed = {q.weight_key for q in plan.layers.values()}
+    for key in f.keys():
+        if f.dtype_name(key) in QUANT_DTYPES and key not in claimed and key not in plan.ignored_keys:
+            raise CheckpointError(f.path, f"tensor '{key}' is {f.dtype_name(key)} but no scale or "
+                                  "metadata says how to read it.",
+                                  "re-export the checkpoint so every quantized tensor has its scale.",
+                                  _layer_of(key, ".weight") or key)
