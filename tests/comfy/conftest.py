@@ -20,7 +20,8 @@ def _boot():
     if "nodes" in sys.modules and not hasattr(sys.modules["nodes"], "NODE_CLASS_MAPPINGS"):
         del sys.modules["nodes"]
     from comfy.cli_args import args
-    args.cpu = True
+    # CPU unless the GPU machine asks for CUDA (QUANTDIT_COMFY_DEVICE=cuda).
+    args.cpu = os.environ.get("QUANTDIT_COMFY_DEVICE", "cpu") != "cuda"
     import nodes
     assert hasattr(nodes, "KSampler"), "imported the wrong nodes module"
     ok = asyncio.run(nodes.load_custom_node(ROOT))
