@@ -10,6 +10,7 @@ import comfy.model_detection
 import comfy.sd
 import comfy.utils
 
+from ..quant.backends import get_backend, pick_backend
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.formats.load import layout_of, load_checkpoint
@@ -49,7 +50,22 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
                               f"detected model (first: {unclaimed[0]}).",
                               "the file does not match the architecture ComfyUI detected; re-export it from "
                               "the original model.", unclaimed[0])
-    return model, build_report(path, layout_of(plan), layers)
+    report = build_report(path, layout_of(plan), layers)
+    describe_kernels(report, model.load_device, backend)
+    return model, report
+
+
+def describe_kernels(report: QuantReport, device: torch.device, backend: str):
+    """Which kernel each scheme will run on the device ComfyUI loads the model to."""
+    for name in report.schemes:
+        scheme = get_scheme(name)
+        chosen = pick_backend(scheme, device, None if backend == "auto" else backend)
+        report.backends[name] = f"{chosen.name} on {device}"
+        if backend not in ("auto", chosen.name):
+            b = get_backend(backend)
+            why = b.availability() or b.supports(scheme, device)
+            report.notes.append(f"backend '{backend}' cannot run {name} on {device} ({why}); "
+                                f"falling back to '{chosen.name}'")
 
 
 def build_report(path: str, layout: str, layers: dict[str, LayerQuant]) -> QuantReport:

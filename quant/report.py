@@ -23,7 +23,7 @@ class QuantReport:
         mib = 1024 * 1024
         lines = [f"QuantDiT: {self.source}", f"layout: {self.layout}"]
         for s, n in sorted(self.schemes.items()):
-            lines.append(f"  {s}: {n} layers (kernel: {self.backends.get(s, 'chosen at first run')})")
+            lines.append(f"  {s}: {n} layers (kernel: {self.backends.get(s, '?')})")
         for g, s in sorted(self.groups.items()):
             lines.append(f"  group {g}: {s}")
         if self.bf16_equivalent_bytes:

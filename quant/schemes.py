@@ -172,8 +172,8 @@ def resolve(name: str, namespace: str = "common") -> ResolvedScheme:
     if not isinstance(name, str) or not name.strip():
         raise UnknownSchemeError(_unknown_message(repr(name)))
     key = name.strip()
-    if key in _SCHEMES:
-        return ResolvedScheme(_SCHEMES[key], None, name)
+    if key.lower() in _SCHEMES:  # canonical names are lower-case
+        return ResolvedScheme(_SCHEMES[key.lower()], None, name)
     for ns in ((namespace, "common") if namespace != "common" else ("common",)):
         alias = _ALIASES.get((ns, key.lower()))
         if alias is not None:
