@@ -2,5 +2,6 @@
 from __future__ import annotations
 
 from .loader_nodes import QuantDiTLoader
+from .quantize_nodes import QuantDiTLayerwiseFP8Cast, QuantDiTQuantizeModel
 
-NODES = [QuantDiTLoader]
+NODES = [QuantDiTLoader, QuantDiTQuantizeModel, QuantDiTLayerwiseFP8Cast]

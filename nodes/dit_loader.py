@@ -10,7 +10,7 @@ import comfy.model_detection
 import comfy.sd
 import comfy.utils
 
-from ..quant.backends import get_backend, pick_backend
+from ..quant.backends import pick_backend, why_not
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.formats.load import layout_of, load_checkpoint
@@ -55,15 +55,14 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
     return model, report
 
 
-def describe_kernels(report: QuantReport, device: torch.device, backend: str):
+def describe_kernels(report: QuantReport, device: torch.device, backend: str | None):
     """Which kernel each scheme will run on the device ComfyUI loads the model to."""
     for name in report.schemes:
         scheme = get_scheme(name)
         chosen = pick_backend(scheme, device, None if backend == "auto" else backend)
         report.backends[name] = f"{chosen.name} on {device}"
-        if backend not in ("auto", chosen.name):
-            b = get_backend(backend)
-            why = b.availability() or b.supports(scheme, device)
+        if backend not in (None, "auto", chosen.name):
+            why = why_not(backend, scheme, device)
             report.notes.append(f"backend '{backend}' cannot run {name} on {device} ({why}); "
                                 f"falling back to '{chosen.name}'")
 

@@ -34,10 +34,16 @@ class QuantLinearMixin:
             self._kernels[key] = pick_backend(self.quant_scheme, device, self.quant_backend_pref)
         return self._kernels[key]
 
+    def forward(self, *args, **kwargs):
+        if self.quant_scheme is None:
+            return super().forward(*args, **kwargs)
+        comfy.ops.run_every_op()
+        return self.quant_forward(args[0])
+
     def quant_forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device
         qdata = comfy.model_management.cast_to_device(self.weight, dev, None)
-        scale = comfy.model_management.cast_to_device(self.weight_scale, dev, None)
+        scale = comfy.model_management.cast_to_device(self.current_scale(), dev, None)
         bias = None if self.bias is None else comfy.model_management.cast_to_device(self.bias, dev, x.dtype)
         if len(self.weight_function) or len(self.bias_function):
             return self._patched_forward(x, qdata, scale, bias)
@@ -54,22 +60,36 @@ class QuantLinearMixin:
             bias = f(bias)
         return torch.nn.functional.linear(x, w, bias)
 
-    # ModelPatcher.patch_weight_to_device calls these (dequantize -> patch -> requantize).
+    # ModelPatcher.patch_weight_to_device calls these: dequantize -> add the LoRA -> requantize.
+    # A patched weight gets its own freshly computed scale, remembered together with the
+    # Parameter it belongs to: when ComfyUI restores its backup of `weight` (a different
+    # Parameter), the original scale applies again without ComfyUI knowing about scales.
+    _patched: tuple | None = None
+
+    def current_scale(self) -> torch.Tensor:
+        if self._patched is not None and self._patched[0] is self.weight:
+            return self._patched[1]
+        return self.weight_scale
+
     def convert_weight(self, weight, inplace=False, **kwargs):
         if self.quant_scheme is None:
             return weight
         q = weight.to(self.weight.dtype)
-        return reference.dequantize_weight(q, self.weight_scale.to(weight.device), self.quant_scheme,
+        return reference.dequantize_weight(q, self.current_scale().to(weight.device), self.quant_scheme,
                                            self.in_features)
 
     def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
         if self.quant_scheme is None:
             weight = weight.to(self.weight.dtype)
-        else:
-            weight = reference.requantize_with_scale(weight, self.weight_scale.to(weight.device), self.quant_scheme)
-        if return_weight:
-            return weight
-        self.weight = torch.nn.Parameter(weight.to(self.weight.device), requires_grad=False)
+            if return_weight:
+                return weight
+            self.weight = torch.nn.Parameter(weight, requires_grad=False)
+            return
+        if return_weight:  # caller keeps only the data: reuse the current scale
+            return reference.requantize_with_scale(weight, self.current_scale().to(weight.device), self.quant_scheme)
+        qdata, scale = reference.quantize_weight(weight.float(), self.quant_scheme)
+        self.weight = torch.nn.Parameter(qdata.to(self.weight.device), requires_grad=False)
+        self._patched = (self.weight, scale.to(self.weight.device))
 
 
 def make_quant_ops(layers: dict[str, LayerQuant], path: str, backend: str | None = None):
@@ -108,10 +128,24 @@ def make_quant_ops(layers: dict[str, LayerQuant], path: str, backend: str | None
                     missing_keys.append(prefix + "bias")
                 claimed.add(layer)
 
-            def forward(self, *args, **kwargs):
-                if self.quant_scheme is None:
-                    return super().forward(*args, **kwargs)
-                comfy.ops.run_every_op()
-                return self.quant_forward(args[0])
-
     return QuantDiTOps
+
+
+class QuantizedLinear(QuantLinearMixin, comfy.ops.manual_cast.Linear):
+    """A quantized replacement for a loaded Linear (what the Quantize / FP8 Cast nodes patch in)."""
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Module, scheme: Scheme, backend: str | None,
+                    work_device: torch.device) -> "QuantizedLinear":
+        """Quantize one layer on `work_device`; the result lives where the source weight lives."""
+        home = linear.weight.device
+        w = linear.weight.detach().to(work_device)
+        qdata, scale = reference.quantize_weight_streaming(w, scheme)
+        del w
+        m = cls.__new__(cls)
+        torch.nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.quant_setup(scheme, qdata.to(home), scale.to(home))
+        m.quant_backend_pref = backend
+        m.bias = linear.bias  # shared with the source model: never modified in place
+        return m

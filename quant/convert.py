@@ -57,7 +57,7 @@ def convert(src: str, dst: str, scheme_name: str, layout: str = LIGHTX2V,
     """Quantize `src` into `dst`; returns a report {quantized: [...], skipped: {name: reason}}."""
     scheme = resolve(scheme_name).scheme
     _check_layout(scheme, layout)
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if os.path.realpath(src) == os.path.realpath(dst):  # realpath: a symlink to src is src
         raise CheckpointError(src, "the output path is the source file.",
                               "choose another output name; the source checkpoint is never overwritten.")
     f = SafetensorsFile(src)
@@ -68,7 +68,7 @@ def convert(src: str, dst: str, scheme_name: str, layout: str = LIGHTX2V,
     def quantized(key: str):
         if key not in cache:
             cache.clear()  # only the layer being written is ever held
-            cache[key] = reference.quantize_weight(f.get(key).float(), scheme)
+            cache[key] = reference.quantize_weight_streaming(f.get(key), scheme)
         return cache[key]
 
     planned, report = [], {"quantized": [], "skipped": {}}

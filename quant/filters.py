@@ -21,6 +21,9 @@ class LayerFilter:
     min_dim_multiple: int = 16        # tensor-core GEMMs need K and N multiples of 16
     blocks_only: bool = True          # only layers inside transformer blocks
     extra_skip: tuple[str, ...] = ()  # substrings the user wants kept in high precision
+    # Layers fed by the text/image context (<= 512 rows per sample): with dynamic activation
+    # quantization the quantize launch dominates there and W8A8 loses to bf16 (DESIGN.md).
+    small_m_patterns: tuple[str, ...] = ("cross_attn.k", "cross_attn.v")
 
     def skip_reason(self, name: str, shape: tuple[int, ...]) -> Optional[str]:
         """None if the layer should be quantized, else a short reason."""
@@ -38,6 +41,9 @@ class LayerFilter:
         if m > 1 and (out_f % m or in_f % m):
             return f"shape {out_f}x{in_f} is not a multiple of {m}"
         return None
+
+    def is_small_m(self, name: str) -> bool:
+        return any(p in name for p in self.small_m_patterns)
 
 
 DEFAULT_FILTER = LayerFilter()

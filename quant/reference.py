@@ -224,3 +224,22 @@ def requantize_with_scale(w: torch.Tensor, scale: torch.Tensor, scheme: Scheme) 
         expanded = scale.float().repeat_interleave(GROUP, dim=-1)[..., :k]
         return pack_int4(_cast(w / expanded, INT4))
     raise ValueError(f"scheme {scheme.name} has no weight quantizer")
+
+
+def quantize_weight_streaming(w: torch.Tensor, scheme: Scheme, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as quantize_weight(w.float(), scheme), converting `rows` rows at a time so
+    the float32 temporaries stay small (a 13824x5120 layer would otherwise need ~1 GB of them)."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    n = w.shape[0]
+    if scheme.weight_granularity == BLOCK_128:
+        rows = max(GROUP, rows - rows % GROUP)
+    if scheme.weight_granularity == PER_TENSOR:
+        amax = torch.zeros((), dtype=torch.float32, device=w.device)
+        for i in range(0, n, rows):
+            amax = torch.maximum(amax, w[i:i + rows].abs().amax().float())
+        scale = _scale_from_amax(amax, scheme.weight_format).reshape(())
+        q = torch.cat([_cast(w[i:i + rows].float() / scale, scheme.weight_format) for i in range(0, n, rows)])
+        return q, scale
+    parts = [quantize_weight(w[i:i + rows].float(), scheme) for i in range(0, n, rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -34,7 +34,7 @@ def wan21_dit(dim=128, ffn_dim=256, num_layers=2, in_dim=16, out_dim=16, text_di
     _linear(sd, "text_embedding.2", dim, dim, g)
     _linear(sd, "time_embedding.0", dim, freq_dim, g)
     _linear(sd, "time_embedding.2", dim, dim, g)
-    _linear(sd, "time_projection.1", dim * 6, dim, g, gain=0.1)
+    _linear(sd, "time_projection.1", dim * 6, dim, g)  # gates ~1: blocks matter
     for i in range(num_layers):
         b = f"blocks.{i}."
         sd[b + "modulation"] = torch.randn(1, 6, dim, generator=g) * 0.02

@@ -62,13 +62,21 @@ def get_backend(name: str) -> Backend:
     return _BACKENDS[name]
 
 
+def why_not(name: str, scheme: Scheme, device: torch.device) -> Optional[str]:
+    """None if backend `name` can run `scheme` on `device`, else the reason."""
+    b = _BACKENDS.get(name)
+    if b is None:
+        return f"no backend called {name!r} is available in this version (known: {', '.join(_BACKENDS)})"
+    return b.availability() or b.supports(scheme, device)
+
+
 def pick_backend(scheme: Scheme, device: torch.device, preferred: Optional[str] = None,
                  strict: bool = False) -> Backend:
     """The best backend for (scheme, device). A `preferred` one (e.g. from an alias such as
     int8-vllm) is used when it can run; otherwise, unless `strict`, the fallback is logged once."""
     if preferred and preferred != "auto":
         b = _BACKENDS.get(preferred)
-        why = "not a known backend" if b is None else (b.availability() or b.supports(scheme, device))
+        why = why_not(preferred, scheme, device)
         if why is None:
             return b
         if strict:

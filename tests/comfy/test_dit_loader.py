@@ -75,3 +75,9 @@ def test_named_backend_that_cannot_run_falls_back_visibly(comfy, files, bf16_out
     out = sample(comfy, model)
     assert rel_err(out, bf16_output) < TOLERANCE["lightx2v-fp8"]
     assert any("cannot run" in r.message for r in caplog.records)
+
+
+def test_report_names_the_fallback(comfy, files):
+    _, report = load_quantized(comfy, files["lightx2v-fp8"], backend="torch")
+    assert "backend 'torch' cannot run fp8-w8a8 on cpu" in report
+    assert "kernel: reference on cpu" in report

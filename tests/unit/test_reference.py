@@ -480,3 +480,13 @@ def test_property_emulated_matches_manual(scheme, w, tokens, seed):
     expected = xdq @ manual_weight(w, scheme).t()
     tol = 1e-4 * (xdq.abs() @ w.abs().t()).max().item() + 1e-30  # float32 reassociation
     assert (y - expected).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("scheme", [s for s in list_schemes() if s.is_quantized], ids=lambda s: s.name)
+@pytest.mark.parametrize("n,k,rows", [(700, 300, 256), (129, 64, 128), (5, 7, 2), (300, 257, 1)])
+def test_streaming_quantization_equals_whole_tensor(scheme, n, k, rows):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).to(torch.bfloat16)
+    q1, s1 = R.quantize_weight(w.float(), scheme)
+    q2, s2 = R.quantize_weight_streaming(w, scheme, rows=rows)
+    as_bytes = (lambda t: t.view(torch.uint8)) if q1.dtype == torch.float8_e4m3fn else (lambda t: t)
+    assert torch.equal(as_bytes(q1), as_bytes(q2)) and torch.equal(s1, s2)

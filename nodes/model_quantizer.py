@@ -1,0 +1,86 @@
+"""Quantize the Linear layers of a loaded ComfyUI MODEL without touching the input MODEL.
+
+The result is a ModelPatcher clone whose quantized layers are object patches: ComfyUI swaps them
+in when it loads the clone and restores the originals for the input MODEL, and LoRA weight
+patches on either side still apply (dequantize -> add -> requantize, see nodes/ops.py).
+One layer is quantized at a time, so peak extra memory is the quantized model plus one layer.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..quant.filters import LayerFilter
+from ..quant.reference import weight_nbytes
+from ..quant.report import QuantReport, layer_group
+from ..quant.schemes import ResolvedScheme
+from .ops import QuantizedLinear, QuantLinearMixin
+
+log = logging.getLogger("quantdit")
+ROOT = "diffusion_model"
+
+
+def _release_patched_weights(model):
+    """If some clone of this model has its LoRA/weight patches baked in right now, unload it so we
+    read the original weights (otherwise the patch would be applied twice)."""
+    if getattr(model.model, "current_weight_patches_uuid", None) is None:
+        return
+    for loaded in list(comfy.model_management.current_loaded_models):
+        patcher = loaded.model
+        if patcher is not None and patcher.model is model.model:
+            patcher.unpatch_model(patcher.offload_device)
+
+
+def _current_module(model, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    return model.object_patches.get(f"{ROOT}.{name}", module)
+
+
+def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: LayerFilter,
+                   title: str):
+    scheme = resolved.scheme
+    pref = None if backend == "auto" else backend
+    if pref is None:
+        pref = resolved.backend  # e.g. 'vllm' from int8-vllm; falls back visibly when missing
+    out = model.clone()
+    _release_patched_weights(model)
+    report = QuantReport(source=title, layout=f"runtime {scheme.name}")
+    skipped: dict[str, int] = {}
+    diffusion = model.get_model_object(ROOT)
+    candidates = []
+    for name, module in diffusion.named_modules():
+        module = _current_module(model, name, module)
+        if isinstance(module, QuantLinearMixin) and module.quant_scheme is not None:
+            skipped[f"already quantized ({module.quant_scheme.name})"] = skipped.get(
+                f"already quantized ({module.quant_scheme.name})", 0) + 1
+            continue
+        if not isinstance(module, torch.nn.Linear):
+            if type(module).__name__ == "Linear" and hasattr(module, "quant_format"):
+                skipped["already quantized by ComfyUI"] = skipped.get("already quantized by ComfyUI", 0) + 1
+            continue
+        reason = layer_filter.skip_reason(name, tuple(module.weight.shape))
+        if reason is None and scheme.quantizes_activation and layer_filter.is_small_m(name):
+            reason = "runs on few rows (text/image context): W8A8 is slower than bf16 there"
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        candidates.append((name, module))
+
+    work = comfy.model_management.get_torch_device()
+    pbar = comfy.utils.ProgressBar(max(len(candidates), 1))
+    for name, module in candidates:
+        q = QuantizedLinear.from_linear(module, scheme, pref, work)
+        out.add_object_patch(f"{ROOT}.{name}", q)
+        report.schemes[scheme.name] = report.schemes.get(scheme.name, 0) + 1
+        report.groups[layer_group(name)] = scheme.name
+        report.quantized_bytes += weight_nbytes(module.out_features, module.in_features, scheme)
+        report.bf16_equivalent_bytes += module.out_features * module.in_features * 2
+        pbar.update(1)
+    for reason, n in sorted(skipped.items()):
+        report.notes.append(f"kept {n} layers: {reason}")
+    if not candidates:
+        report.notes.append("nothing new to quantize: the output is the input model")
+    return out, report

@@ -1,0 +1,98 @@
+"""Nodes that quantize an already loaded MODEL: Quantize Model and Layerwise FP8 Cast."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..quant.filters import LayerFilter
+from ..quant.schemes import all_names, resolve
+from .dit_loader import describe_kernels
+from .loader_nodes import backend_options
+from .model_quantizer import quantize_model
+
+_RUNTIME_SCHEMES = ["fp8-w8a8", "int8-w8a8", "fp8-block128", "fp8-weight-only", "int8-weight-only", "int4-g128"]
+_NOT_RUNTIME = {"none", "default", "fp8-scaled"}
+
+
+def scheme_options() -> list[str]:
+    rest = [n for n in all_names() if n not in _RUNTIME_SCHEMES and n.lower() not in _NOT_RUNTIME]
+    return _RUNTIME_SCHEMES + rest
+
+
+def _filter_inputs():
+    return [
+        io.String.Input("skip_patterns", default="", multiline=False, advanced=True,
+                        tooltip="Comma-separated name fragments of layers to keep in high precision, "
+                                "e.g. 'blocks.0.,ffn.2'. Norms, embeddings, modulation and the head "
+                                "are always kept."),
+        io.Boolean.Input("keep_small_m_layers", default=True, advanced=True,
+                         tooltip="Keep layers that only see the text/image context (cross-attention "
+                                 "k/v) in high precision for W8A8 schemes: with so few rows, dynamic "
+                                 "activation quantization makes them slower than bf16."),
+    ]
+
+
+def _layer_filter(skip_patterns: str, keep_small_m_layers: bool) -> LayerFilter:
+    extra = tuple(p.strip() for p in skip_patterns.split(",") if p.strip())
+    return LayerFilter(extra_skip=extra, small_m_patterns=LayerFilter().small_m_patterns if keep_small_m_layers else ())
+
+
+class QuantDiTQuantizeModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuantDiTQuantizeModel",
+            display_name="Quantize Model (QuantDiT)",
+            category="QuantDiT",
+            description="Quantizes the transformer-block linears of a loaded MODEL, one layer at a time. "
+                        "The input MODEL is left unchanged; LoRAs applied before or after still work.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("scheme", options=scheme_options(), default="fp8-w8a8",
+                               tooltip="fp8-w8a8 / int8-w8a8: 8-bit weights and activations (fastest on "
+                                       "fp8/int8 tensor cores). *-weight-only and int4-g128: smaller "
+                                       "weights, bf16 compute. LightX2V and torchao names work too."),
+                io.Combo.Input("backend", options=backend_options(), default="auto",
+                               tooltip="Kernel provider; 'auto' picks the fastest that can run the scheme."),
+                *_filter_inputs(),
+            ],
+            outputs=[io.Model.Output(), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, model, scheme, backend, skip_patterns="", keep_small_m_layers=True) -> io.NodeOutput:
+        resolved = resolve(scheme)
+        if not resolved.scheme.is_quantized:
+            raise ValueError(f"scheme {scheme!r} does not quantize anything; choose one of {', '.join(_RUNTIME_SCHEMES)}")
+        out, report = quantize_model(model, resolved, backend, _layer_filter(skip_patterns, keep_small_m_layers),
+                                     f"Quantize Model: {scheme}")
+        describe_kernels(report, out.load_device, resolved.backend if backend == "auto" else backend)
+        return io.NodeOutput(out, report.text())
+
+
+class QuantDiTLayerwiseFP8Cast(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="QuantDiTLayerwiseFP8Cast",
+            display_name="Layerwise FP8 Cast (QuantDiT)",
+            category="QuantDiT",
+            description="Stores the transformer-block linears as float8_e4m3fn with a scale and casts each "
+                        "layer back to the compute dtype in its forward: half the weight memory, bf16/fp16 "
+                        "math, works on GPUs without fp8 tensor cores.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("scale", options=["per-channel", "per-tensor"], default="per-channel",
+                               tooltip="per-channel: one scale per output row (more accurate). "
+                                       "per-tensor: one scale per layer (ComfyUI's scaled fp8)."),
+                *_filter_inputs(),
+            ],
+            outputs=[io.Model.Output(), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, model, scale, skip_patterns="", keep_small_m_layers=True) -> io.NodeOutput:
+        scheme = "fp8-weight-only" if scale == "per-channel" else "fp8-scaled"
+        out, report = quantize_model(model, resolve(scheme), "auto",
+                                     _layer_filter(skip_patterns, keep_small_m_layers), f"Layerwise FP8 Cast: {scale}")
+        describe_kernels(report, out.load_device, "auto")
+        return io.NodeOutput(out, report.text())

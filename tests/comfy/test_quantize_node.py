@@ -1,0 +1,225 @@
+"""Quantize Model and Layerwise FP8 Cast on models loaded with ComfyUI's own loaders."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import flux_fixtures
+import wan_fixtures
+from scripts.tiny_models import save, wan21_dit
+
+SCHEMES = ["fp8-w8a8", "int8-w8a8", "fp8-block128", "fp8-weight-only", "int8-weight-only", "int4-g128"]
+# Relative L2 error of the sampled latent vs bf16 after 3 steps. Measured on Wan (Flux is ~5x
+# lower): fp8-w8a8 1.6%, int8-w8a8 0.44%, fp8-block128 1.7%, fp8-weight-only 1.4%,
+# int8-weight-only 0.36%, int4-g128 6.4%, per-tensor fp8 ~3.7%. Tolerances are ~2.5x those.
+TOLERANCE = {"fp8-w8a8": 0.04, "int8-w8a8": 0.012, "fp8-block128": 0.04, "fp8-weight-only": 0.035,
+             "int8-weight-only": 0.01, "int4-g128": 0.15, "fp8-scaled": 0.08}
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+class Arch:
+    def __init__(self, name, file, conditioning, latent, n_block_linears, n_context_kv):
+        self.name, self.file, self.cond, self.latent = name, file, conditioning, latent
+        self.n_block_linears, self.n_context_kv = n_block_linears, n_context_kv
+
+
+@pytest.fixture(scope="module")
+def archs(comfy, models_dir):
+    wan = os.path.join(models_dir, "q_wan_bf16.safetensors")
+    save(wan21_dit(dim=256, ffn_dim=512, num_layers=2, seed=3), wan)
+    flux = os.path.join(models_dir, "q_flux_bf16.safetensors")
+    flux_fixtures.write_flux(flux)
+    return {
+        # Wan: 2 blocks x 10 linears, of which cross_attn.k/v (4) see only the text context.
+        "wan": Arch("wan", "q_wan_bf16.safetensors", wan_fixtures.conditioning, wan_fixtures.latent, 20, 4),
+        # Flux: 1 double block (img/txt qkv, proj, mlp.0, mlp.2 = 8) + 2 single blocks (linear1/2 = 4).
+        "flux": Arch("flux", "q_flux_bf16.safetensors", flux_fixtures.conditioning, flux_fixtures.latent, 12, 0),
+    }
+
+
+def load_bf16(comfy, arch):
+    nodes, _ = comfy
+    return nodes.UNETLoader().load_unet(arch.file, "default")[0]
+
+
+def sample(comfy, arch, model):
+    nodes, _ = comfy
+    (out,) = nodes.KSampler().sample(model, 11, 3, 2.0, "euler", "simple", arch.cond(1), arch.cond(2),
+                                     arch.latent(), denoise=1.0)
+    return out["samples"].float()
+
+
+def quantize(comfy, model, scheme, **kw):
+    nodes, _ = comfy
+    out = nodes.NODE_CLASS_MAPPINGS["QuantDiTQuantizeModel"].execute(model=model, scheme=scheme, backend="auto", **kw)
+    return tuple(out.result)
+
+
+def fp8_cast(comfy, model, scale):
+    nodes, _ = comfy
+    out = nodes.NODE_CLASS_MAPPINGS["QuantDiTLayerwiseFP8Cast"].execute(model=model, scale=scale)
+    return tuple(out.result)
+
+
+@pytest.fixture(scope="module")
+def baselines(comfy, archs):
+    return {k: sample(comfy, a, load_bf16(comfy, a)) for k, a in archs.items()}
+
+
+@pytest.mark.parametrize("arch_name", ["wan", "flux"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_scheme_through_ksampler(comfy, archs, baselines, arch_name, scheme):
+    arch = archs[arch_name]
+    model = load_bf16(comfy, arch)
+    qmodel, report = quantize(comfy, model, scheme)
+    expected = arch.n_block_linears - (arch.n_context_kv if scheme in ("fp8-w8a8", "int8-w8a8", "fp8-block128") else 0)
+    assert f"{scheme}: {expected} layers" in report, report
+    err = rel_err(sample(comfy, arch, qmodel), baselines[arch_name])
+    assert 0 < err < TOLERANCE[scheme], f"{arch_name}/{scheme}: relative error {err:.4f}"
+    # The input MODEL still produces exactly its old output.
+    assert torch.equal(sample(comfy, arch, model), baselines[arch_name])
+
+
+@pytest.mark.parametrize("scale,scheme", [("per-channel", "fp8-weight-only"), ("per-tensor", "fp8-scaled")])
+def test_layerwise_fp8_cast(comfy, archs, baselines, scale, scheme):
+    arch = archs["wan"]
+    model = load_bf16(comfy, arch)
+    cast, report = fp8_cast(comfy, model, scale)
+    assert f"{scheme}: 20 layers" in report  # weight-only: the context k/v are cast too
+    err = rel_err(sample(comfy, arch, cast), baselines["wan"])
+    assert 0 < err < TOLERANCE[scheme]
+    assert torch.equal(sample(comfy, arch, model), baselines["wan"])
+
+
+def test_patched_layers_hold_fp8_or_int8_data(comfy, archs):
+    model = load_bf16(comfy, archs["wan"])
+    qmodel, _ = quantize(comfy, model, "int8-w8a8")
+    patched = [v for k, v in qmodel.object_patches.items() if getattr(v, "quant_scheme", None)]
+    assert len(patched) == 16 and all(p.weight.dtype == torch.int8 for p in patched)
+    # The source layers are untouched bf16.
+    src = model.model.diffusion_model.blocks[0].ffn[0]
+    assert src.weight.dtype != torch.int8 and getattr(src, "quant_scheme", None) is None
+
+
+def test_requantizing_is_detected_and_reported(comfy, archs, baselines):
+    model = load_bf16(comfy, archs["wan"])
+    once, _ = quantize(comfy, model, "int8-w8a8")
+    twice, report = quantize(comfy, once, "fp8-w8a8")
+    assert "already quantized (int8-w8a8)" in report
+    assert "kept 16 layers: already quantized (int8-w8a8)" in report
+    # Only the context k/v were left, and W8A8 keeps those in bf16: nothing new is quantized.
+    assert "nothing new to quantize" in report and "fp8-w8a8:" not in report
+    assert torch.equal(sample(comfy, archs["wan"], twice), sample(comfy, archs["wan"], once))
+
+
+def test_skip_patterns_and_small_m_switch(comfy, archs):
+    model = load_bf16(comfy, archs["wan"])
+    _, report = quantize(comfy, model, "fp8-w8a8", skip_patterns="blocks.0., ffn.2", keep_small_m_layers=False)
+    # 20 block linears - 10 in block 0 - 1 ffn.2 in block 1 = 9
+    assert "fp8-w8a8: 9 layers" in report, report
+    assert "matches the user skip pattern" in report
+
+
+def test_alias_names_work_and_announce_missing_kernels(comfy, archs):
+    model = load_bf16(comfy, archs["wan"])
+    _, report = quantize(comfy, model, "int8-vllm")
+    assert "int8-w8a8: 16 layers" in report
+    assert "backend 'vllm' cannot run int8-w8a8 on cpu" in report
+
+
+def test_unknown_scheme_lists_valid_ones(comfy, archs):
+    _, pack = comfy
+    model = load_bf16(comfy, archs["wan"])
+    with pytest.raises(pack.quant.schemes.UnknownSchemeError, match="fp8-w8a8"):
+        quantize(comfy, model, "fp7-magic")
+
+
+def _make_lora(path, rank=4, scale=1.0, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for b in range(2):
+        for layer, (out_f, in_f) in {"ffn.0": (512, 256), "self_attn.q": (256, 256)}.items():
+            key = f"diffusion_model.blocks.{b}.{layer}"
+            sd[key + ".lora_A.weight"] = torch.randn(rank, in_f, generator=g) * scale / in_f ** 0.5
+            sd[key + ".lora_B.weight"] = torch.randn(out_f, rank, generator=g) * scale
+    save_file(sd, path)
+
+
+@pytest.fixture(scope="module")
+def lora_name(comfy, tmp_path_factory):
+    import folder_paths
+    d = tmp_path_factory.mktemp("loras")
+    folder_paths.add_model_folder_path("loras", str(d), is_default=True)
+    _make_lora(os.path.join(d, "tiny_wan_lora.safetensors"))
+    return "tiny_wan_lora.safetensors"
+
+
+@pytest.mark.parametrize("scheme", ["int8-w8a8", "fp8-w8a8", "int8-weight-only"])
+def test_lora_before_and_after_quantization(comfy, archs, baselines, lora_name, scheme):
+    """The LoRA's effect (output with LoRA - output without) survives quantization in both orders."""
+    nodes, _ = comfy
+    arch = archs["wan"]
+    lora = nodes.LoraLoaderModelOnly()
+    effect = sample(comfy, arch, lora.load_lora_model_only(load_bf16(comfy, arch), lora_name, 1.0)[0]) - baselines["wan"]
+    assert float(effect.norm() / baselines["wan"].norm()) > 0.02, "the test LoRA must visibly change the output"
+    plain_q = sample(comfy, arch, quantize(comfy, load_bf16(comfy, arch), scheme)[0])
+    with_lora = lora.load_lora_model_only(load_bf16(comfy, arch), lora_name, 1.0)[0]
+    orders = {
+        "lora-then-quantize": quantize(comfy, with_lora, scheme)[0],
+        "quantize-then-lora": lora.load_lora_model_only(quantize(comfy, load_bf16(comfy, arch), scheme)[0],
+                                                        lora_name, 1.0)[0],
+    }
+    for name, m in orders.items():
+        q_effect = sample(comfy, arch, m) - plain_q
+        # Quantization noise on top of the effect stays well below the effect itself.
+        assert rel_err(q_effect, effect) < 0.25, f"{name}: effect error {rel_err(q_effect, effect):.3f}"
+
+
+def test_lora_unpatch_restores_the_quantized_model(comfy, archs, lora_name):
+    """After a LoRA'd clone ran, the un-LoRA'd quantized model gives its own output again
+    (ComfyUI restores the weight; the patched scale must not leak)."""
+    nodes, _ = comfy
+    arch = archs["wan"]
+    q = quantize(comfy, load_bf16(comfy, arch), "int8-w8a8")[0]
+    first = sample(comfy, arch, q)
+    sample(comfy, arch, nodes.LoraLoaderModelOnly().load_lora_model_only(q, lora_name, 1.0)[0])
+    assert torch.equal(sample(comfy, arch, q), first)
+
+
+def _vm_hwm_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+def test_peak_memory_while_quantizing_is_bounded(comfy, models_dir):
+    """Quantizing streams one layer at a time: the peak RSS rise stays near the quantized size,
+    far below a second full-precision copy of the model."""
+    nodes, _ = comfy
+    name = "q_wan_big_bf16.safetensors"
+    save(wan21_dit(dim=1024, ffn_dim=4096, num_layers=4, seed=4), os.path.join(models_dir, name))
+    model = nodes.UNETLoader().load_unet(name, "default")[0]
+    block_params = sum(p.numel() for n, p in model.model.diffusion_model.named_parameters()
+                       if n.startswith("blocks.") and p.dim() == 2)
+    for p in model.model.diffusion_model.parameters():
+        p.data.add_(0)  # page the (possibly mmapped) weights in before measuring
+    fp32_copy_kib = block_params * 4 // 1024
+    int8_kib = block_params // 1024
+    largest_layer_fp32_kib = 4096 * 1024 * 4 // 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    start = _vm_hwm_kib()
+    q, _ = quantize(comfy, model, "int8-w8a8", keep_small_m_layers=False)
+    rise = _vm_hwm_kib() - start
+    bound = int8_kib + 3 * largest_layer_fp32_kib + 32 * 1024
+    print(f"peak RSS rise {rise / 1024:.0f} MiB; int8 copy {int8_kib / 1024:.0f} MiB; "
+          f"a full fp32 copy would be {fp32_copy_kib / 1024:.0f} MiB; bound {bound / 1024:.0f} MiB")
+    assert rise < bound
+    assert bound < fp32_copy_kib  # the bound really excludes a second full-precision copy
