@@ -164,6 +164,8 @@ def _plan_comfy_metadata(f: SafetensorsFile) -> CheckpointPlan:
     plan = CheckpointPlan(f.path)
     try:
         layers = json.loads(f.metadata["_quantization_metadata"])["layers"]
+        if not isinstance(layers, dict):
+            raise TypeError("layers is not a map")
     except (json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f.path, "its _quantization_metadata is not valid JSON with a 'layers' map.",
                               "re-export the checkpoint with ComfyUI's quantization tools.") from None

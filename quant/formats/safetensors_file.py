@@ -5,7 +5,7 @@ import json
 import os
 import struct
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 
@@ -29,8 +29,13 @@ def read_header(path: str) -> tuple[dict, dict]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(path, "this is not a safetensors file (its header is not JSON).",
                               "pass a .safetensors file; convert .pth/.ckpt files first.") from None
-    metadata = header.pop("__metadata__", None) or {}
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    try:
+        metadata = header.pop("__metadata__", None) or {}
+        end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise CheckpointError(path, "this is not a safetensors file (its header is not a map of tensor "
+                              "names to dtype, shape and data_offsets).",
+                              "pass a .safetensors file; convert .pth/.ckpt files first.") from None
     if 8 + n + end > size:
         raise CheckpointError(path, f"the file is truncated ({size} bytes, the header promises {8 + n + end}).",
                               "the download or copy did not finish; fetch the file again.")
@@ -43,7 +48,11 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         self.infos, self.metadata = read_header(path)
-        self._handle = safe_open(path, framework="pt", device="cpu")
+        try:
+            self._handle = safe_open(path, framework="pt", device="cpu")
+        except SafetensorError as e:  # e.g. trailing bytes, unknown dtype, overlapping offsets
+            raise CheckpointError(path, f"safetensors cannot read it ({e}).",
+                                  "re-download or re-export the file.") from None
 
     def keys(self) -> list[str]:
         return list(self.infos)

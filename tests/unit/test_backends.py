@@ -1,0 +1,191 @@
+"""Unit tests for the kernel backend registry (quant/backends), run on CPU.
+
+GPU capability is faked by replacing registry entries through monkeypatch (restored after each
+test), so no backend registered by another module is disturbed."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+import quant.backends as backends
+from quant.backends import registry, torch_native
+from quant.backends.reference_backend import REFERENCE
+from quant.backends.registry import (Backend, BackendUnavailableError, NoCapableBackendError, get_backend,
+                                     list_backends, pick_backend)
+from quant.schemes import get_scheme, list_schemes
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
+FP8 = get_scheme("fp8-w8a8")
+INT8 = get_scheme("int8-w8a8")
+NONE = get_scheme("none")
+QUANTIZED = [s for s in list_schemes() if s.is_quantized]
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Each test sees a registry that has warned about nothing yet."""
+    monkeypatch.setattr(registry, "_warned", set())
+
+
+def _fake_backend(name, priority, runs: set[str], available=None, linear=None):
+    return Backend(name=name, priority=priority, availability=lambda: available,
+                   supports=lambda scheme, device: None if scheme.name in runs else f"{name} cannot do {scheme.name}",
+                   linear=linear or (lambda *a: None), install_hint=f"pip install {name}")
+
+
+def _gpu(monkeypatch, capability=(9, 0)):
+    """Pretend CUDA is there with this compute capability (for the torch backend only)."""
+    monkeypatch.setitem(registry._BACKENDS, "torch",
+                        dataclasses.replace(torch_native.TORCH_NATIVE, availability=lambda: None))
+    monkeypatch.setattr(torch_native, "cuda_capability",
+                        lambda device: capability if device.type == "cuda" else None)
+
+
+# ------------------------------------------------------------------ listing
+def test_package_exports_registry_functions():
+    assert backends.pick_backend is pick_backend and backends.list_backends is list_backends
+    assert get_backend("reference") is REFERENCE and get_backend("torch") is torch_native.TORCH_NATIVE
+
+
+def test_list_backends_on_this_machine():
+    listed = list_backends()
+    assert listed["reference"] is None
+    if torch.cuda.is_available():
+        assert listed["torch"] is None
+    else:
+        assert isinstance(listed["torch"], str) and "CUDA" in listed["torch"]
+    assert set(listed) == set(registry._BACKENDS)
+
+
+def test_get_backend_unknown_names_the_known_ones():
+    with pytest.raises(BackendUnavailableError) as ei:
+        get_backend("no-such-backend")
+    assert "no-such-backend" in str(ei.value) and "reference" in str(ei.value) and "torch" in str(ei.value)
+
+
+# ------------------------------------------------------------------ auto choice on CPU
+@pytest.mark.parametrize("scheme", QUANTIZED, ids=lambda s: s.name)
+def test_every_quantized_scheme_runs_on_cpu_through_reference(scheme):
+    assert pick_backend(scheme, CPU) is REFERENCE
+    assert pick_backend(scheme, CPU, preferred="auto") is REFERENCE
+
+
+def test_torch_backend_refuses_cpu_device_with_reason():
+    why = torch_native.TORCH_NATIVE.supports(FP8, CPU)
+    assert why is not None and "CUDA" in why and "cpu" in why
+
+
+# ------------------------------------------------------------------ preferred backends
+def test_strict_pick_of_unavailable_backend_says_why():
+    with pytest.raises(BackendUnavailableError) as ei:
+        pick_backend(FP8, CPU, preferred="torch", strict=True)
+    msg = str(ei.value)
+    assert "'torch'" in msg and "fp8-w8a8" in msg and "cpu" in msg
+    assert "CUDA" in msg                               # the reason itself
+    assert torch_native.TORCH_NATIVE.install_hint in msg
+
+
+def test_strict_pick_of_unknown_backend_says_why():
+    with pytest.raises(BackendUnavailableError) as ei:
+        pick_backend(INT8, CPU, preferred="no-such-backend", strict=True)
+    msg = str(ei.value)
+    assert "no-such-backend" in msg and "int8-w8a8" in msg
+    assert "known" in msg                              # why: no backend of that name is known
+
+
+def test_non_strict_pick_falls_back_and_warns_once(caplog):
+    caplog.set_level(logging.WARNING, logger="quantdit")
+    for _ in range(3):
+        assert pick_backend(FP8, CPU, preferred="torch") is REFERENCE
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "quantdit"]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "'torch'" in text and "fp8-w8a8" in text and "CUDA" in text
+    # a different scheme or preferred backend is a different situation: warned about once more
+    caplog.clear()
+    assert pick_backend(INT8, CPU, preferred="torch") is REFERENCE
+    assert pick_backend(INT8, CPU, preferred="torch") is REFERENCE
+    assert pick_backend(INT8, CPU, preferred="vllm-not-installed") is REFERENCE
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+
+
+def test_available_preferred_backend_wins_over_priority(monkeypatch):
+    monkeypatch.setitem(registry._BACKENDS, "fast", _fake_backend("fast", 100, {"int8-w8a8"}))
+    assert pick_backend(INT8, CPU) is registry._BACKENDS["fast"]
+    assert pick_backend(INT8, CPU, preferred="reference", strict=True) is REFERENCE
+
+
+# ------------------------------------------------------------------ faked GPU capability
+def test_auto_prefers_torch_on_a_capable_gpu(monkeypatch):
+    _gpu(monkeypatch, (9, 0))
+    assert list_backends()["torch"] is None
+    assert pick_backend(FP8, CUDA) is get_backend("torch")
+    for name in ("fp8-scaled", "fp8-weight-only", "int8-weight-only"):
+        assert pick_backend(get_scheme(name), CUDA) is get_backend("torch"), name
+    # no torch-native kernel for these: the reference backend runs them
+    for name in ("int8-w8a8", "fp8-block128", "int4-g128"):
+        assert pick_backend(get_scheme(name), CUDA) is REFERENCE, name
+    # the CPU is still served by the reference backend
+    assert pick_backend(FP8, CPU) is REFERENCE
+
+
+def test_old_gpu_cannot_run_fp8_w8a8(monkeypatch, caplog):
+    _gpu(monkeypatch, (8, 6))
+    why = get_backend("torch").supports(FP8, CUDA)
+    assert why is not None and "8.9" in why and "8.6" in why
+    assert pick_backend(FP8, CUDA) is REFERENCE
+    assert pick_backend(get_scheme("fp8-scaled"), CUDA) is get_backend("torch")
+    with pytest.raises(BackendUnavailableError, match="8.6"):
+        pick_backend(FP8, CUDA, preferred="torch", strict=True)
+    _gpu(monkeypatch, (8, 9))
+    assert pick_backend(FP8, CUDA) is get_backend("torch")
+
+
+def test_auto_prefers_highest_priority_backend_that_supports_the_scheme(monkeypatch):
+    _gpu(monkeypatch, (9, 0))
+    hi = _fake_backend("hi-int8", 50, {"int8-w8a8"})
+    mid = _fake_backend("mid-fp8", 20, {"fp8-w8a8", "int8-w8a8"})
+    gone = _fake_backend("not-installed", 99, {"int8-w8a8", "fp8-w8a8"}, available="package not installed")
+    for b in (mid, gone, hi):
+        monkeypatch.setitem(registry._BACKENDS, b.name, b)
+    assert list_backends()["not-installed"] == "package not installed"
+    assert pick_backend(INT8, CUDA) is hi
+    assert pick_backend(FP8, CUDA) is mid
+    assert pick_backend(get_scheme("fp8-scaled"), CUDA) is get_backend("torch")
+    assert pick_backend(get_scheme("int4-g128"), CUDA) is REFERENCE
+    with pytest.raises(BackendUnavailableError, match="package not installed"):
+        pick_backend(INT8, CUDA, preferred="not-installed", strict=True)
+
+
+# ------------------------------------------------------------------ nobody can run it
+def test_no_capable_backend_lists_every_reason_on_cpu():
+    with pytest.raises(NoCapableBackendError) as ei:
+        pick_backend(NONE, CPU)
+    err = ei.value
+    assert set(err.reasons) == set(registry._BACKENDS)
+    assert all(isinstance(r, str) and r for r in err.reasons.values())
+    msg = str(err)
+    assert "none" in msg and "cpu" in msg
+    for name, reason in err.reasons.items():
+        assert f"{name}: {reason}" in msg
+    assert "unquantized" in err.reasons["reference"]
+
+
+def test_no_capable_backend_lists_every_reason_with_fakes(monkeypatch):
+    _gpu(monkeypatch, (9, 0))
+    monkeypatch.setitem(registry._BACKENDS, "fake", _fake_backend("fake", 5, {"int8-w8a8"}))
+    monkeypatch.setitem(registry._BACKENDS, "absent", _fake_backend("absent", 7, set(), available="not built"))
+    with pytest.raises(NoCapableBackendError) as ei:
+        pick_backend(NONE, CUDA)
+    reasons = ei.value.reasons
+    assert set(reasons) == set(registry._BACKENDS)
+    assert reasons["fake"] == "fake cannot do none"
+    assert reasons["absent"] == "not built"
+    assert "no torch-native kernel" in reasons["torch"]
+    # also when a non-strict preferred backend was asked for first
+    with pytest.raises(NoCapableBackendError):
+        pick_backend(NONE, CUDA, preferred="fake")
