@@ -54,6 +54,9 @@ def write_safetensors(path: str, tensors: Iterable[PlannedTensor], metadata: dic
                 out.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
                 if progress:
                     progress(i + 1, len(planned))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
