@@ -10,7 +10,7 @@ from .loader_nodes import backend_options
 from .model_quantizer import quantize_model
 
 _RUNTIME_SCHEMES = ["fp8-w8a8", "int8-w8a8", "fp8-block128", "fp8-weight-only", "int8-weight-only", "int4-g128"]
-_NOT_RUNTIME = {"none", "default", "fp8-scaled"}
+_NOT_RUNTIME = {"none", "default", "fp8-scaled", "fp8-e5m2-weight-only", "fp8-e5m2-scaled"}
 
 
 def scheme_options() -> list[str]:
@@ -76,7 +76,7 @@ class QuantDiTLayerwiseFP8Cast(io.ComfyNode):
             node_id="QuantDiTLayerwiseFP8Cast",
             display_name="Layerwise FP8 Cast (QuantDiT)",
             category="QuantDiT",
-            description="Stores the transformer-block linears as float8_e4m3fn with a scale and casts each "
+            description="Stores the transformer-block linears as fp8 (e4m3fn or e5m2) with a scale and casts each "
                         "layer back to the compute dtype in its forward: half the weight memory, bf16/fp16 "
                         "math, works on GPUs without fp8 tensor cores.",
             inputs=[
@@ -84,15 +84,20 @@ class QuantDiTLayerwiseFP8Cast(io.ComfyNode):
                 io.Combo.Input("scale", options=["per-channel", "per-tensor"], default="per-channel",
                                tooltip="per-channel: one scale per output row (more accurate). "
                                        "per-tensor: one scale per layer (ComfyUI's scaled fp8)."),
+                io.Combo.Input("storage", options=["float8_e4m3fn", "float8_e5m2"], default="float8_e4m3fn",
+                               tooltip="e4m3fn: 3 mantissa bits, the accurate choice. e5m2: 2 mantissa "
+                                       "bits but a much wider range, for weights with extreme outliers."),
                 *_filter_inputs(),
             ],
             outputs=[io.Model.Output(), io.String.Output(display_name="report")],
         )
 
     @classmethod
-    def execute(cls, model, scale, skip_patterns="", keep_small_m_layers=True) -> io.NodeOutput:
-        scheme = "fp8-weight-only" if scale == "per-channel" else "fp8-scaled"
+    def execute(cls, model, scale, storage="float8_e4m3fn", skip_patterns="", keep_small_m_layers=True) -> io.NodeOutput:
+        scheme = {("per-channel", "float8_e4m3fn"): "fp8-weight-only", ("per-tensor", "float8_e4m3fn"): "fp8-scaled",
+                  ("per-channel", "float8_e5m2"): "fp8-e5m2-weight-only",
+                  ("per-tensor", "float8_e5m2"): "fp8-e5m2-scaled"}[(scale, storage)]
         out, report = quantize_model(model, resolve(scheme), "auto",
-                                     _layer_filter(skip_patterns, keep_small_m_layers), f"Layerwise FP8 Cast: {scale}")
+                                     _layer_filter(skip_patterns, keep_small_m_layers), f"Layerwise FP8 Cast: {storage} {scale}")
         describe_kernels(report, out.load_device, "auto")
         return io.NodeOutput(out, report.text())

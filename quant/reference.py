@@ -12,11 +12,13 @@ import math
 
 import torch
 
-from .schemes import (BLOCK_128, FP8_E4M3, GROUP_128, INT4, INT8, NONE, PER_CHANNEL, PER_TENSOR,
+from .schemes import (BLOCK_128, FP8_E4M3, FP8_E5M2, GROUP_128, INT4, INT8, NONE, PER_CHANNEL, PER_TENSOR,
                       PER_TOKEN, Scheme)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+FP8_E5M2_MAX = float(torch.finfo(torch.float8_e5m2).max)  # 57344
+_FP8_DTYPES = {FP8_E4M3: FP8_DTYPE, FP8_E5M2: torch.float8_e5m2}
 INT8_MAX = 127.0
 INT4_MAX = 7.0
 GROUP = 128
@@ -24,13 +26,13 @@ _MIN_AMAX = 1e-12
 
 
 def _qmax(fmt: str) -> float:
-    return {FP8_E4M3: FP8_MAX, INT8: INT8_MAX, INT4: INT4_MAX}[fmt]
+    return {FP8_E4M3: FP8_MAX, FP8_E5M2: FP8_E5M2_MAX, INT8: INT8_MAX, INT4: INT4_MAX}[fmt]
 
 
 def _cast(scaled: torch.Tensor, fmt: str) -> torch.Tensor:
     qmax = _qmax(fmt)
-    if fmt == FP8_E4M3:
-        return scaled.clamp(-qmax, qmax).to(FP8_DTYPE)
+    if fmt in _FP8_DTYPES:
+        return scaled.clamp(-qmax, qmax).to(_FP8_DTYPES[fmt])
     q = scaled.round().clamp(-qmax - (1 if fmt == INT4 else 0), qmax)
     return q.to(torch.int8)
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 # Weight / activation formats.
 FP8_E4M3 = "fp8_e4m3"
+FP8_E5M2 = "fp8_e5m2"   # more range, less precision: storage-only (layerwise cast)
 INT8 = "int8"
 INT4 = "int4"
 NONE = "none"
@@ -45,7 +46,7 @@ class Scheme:
         return self.weight_format != NONE
 
     def __post_init__(self):
-        if self.weight_format not in (FP8_E4M3, INT8, INT4, NONE):
+        if self.weight_format not in (FP8_E4M3, FP8_E5M2, INT8, INT4, NONE):
             raise ValueError(f"scheme {self.name}: unknown weight format {self.weight_format!r}")
         if self.activation_format not in (FP8_E4M3, INT8, NONE):
             raise ValueError(f"scheme {self.name}: unknown activation format {self.activation_format!r}")
@@ -110,6 +111,10 @@ register_scheme(Scheme("int8-weight-only", INT8, PER_CHANNEL, NONE, NONE, None, 
                        "INT8 weight with per-channel scale, upcast to the model dtype for the matmul."))
 register_scheme(Scheme("fp8-scaled", FP8_E4M3, PER_TENSOR, NONE, NONE, None, 8,
                        "ComfyUI's scaled fp8: one fp32 scale per weight tensor, upcast for the matmul."))
+register_scheme(Scheme("fp8-e5m2-weight-only", FP8_E5M2, PER_CHANNEL, NONE, NONE, None, 8,
+                       "FP8 e5m2 weight (wider range, 2-bit mantissa) with per-channel scale, upcast."))
+register_scheme(Scheme("fp8-e5m2-scaled", FP8_E5M2, PER_TENSOR, NONE, NONE, None, 8,
+                       "FP8 e5m2 weight with one scale per tensor, upcast for the matmul."))
 
 _LIGHTX2V_MM = "LightX2V mm_type"
 _LIGHTX2V_DIT = "LightX2V dit_quant_scheme"

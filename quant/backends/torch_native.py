@@ -9,7 +9,7 @@ from ..schemes import Scheme, get_scheme
 from .registry import Backend, cuda_capability, register_backend
 
 _FP8 = get_scheme("fp8-w8a8")
-_WEIGHT_ONLY = {"fp8-weight-only", "int8-weight-only", "fp8-scaled"}
+_WEIGHT_ONLY = {"fp8-weight-only", "int8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only", "fp8-e5m2-scaled"}
 
 
 def _availability():

@@ -34,7 +34,8 @@ def test_fp8_rowwise_scaled_mm_matches_reference(m, k, n, bias):
     assert cos(fast, exact) > 0.999
 
 
-@pytest.mark.parametrize("name", ["fp8-weight-only", "int8-weight-only", "fp8-scaled"])
+@pytest.mark.parametrize("name", ["fp8-weight-only", "int8-weight-only", "fp8-scaled",
+                                  "fp8-e5m2-weight-only", "fp8-e5m2-scaled"])
 def test_weight_only_upcast_matches_reference(name):
     torch.manual_seed(1)
     scheme = get_scheme(name)

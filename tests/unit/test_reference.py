@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quant import reference as R
-from quant.schemes import (BLOCK_128, FP8_E4M3, GROUP_128, INT4, INT8, PER_CHANNEL,
+from quant.schemes import (BLOCK_128, FP8_E4M3, FP8_E5M2, GROUP_128, INT4, INT8, PER_CHANNEL,
                            PER_TENSOR, get_scheme, list_schemes)
 
 QUANTIZED = [s for s in list_schemes() if s.is_quantized]
@@ -26,7 +26,7 @@ def ids(scheme):
     return scheme.name
 
 
-QMAX = {FP8_E4M3: 448.0, INT8: 127.0, INT4: 7.0}
+QMAX = {FP8_E4M3: 448.0, FP8_E5M2: 57344.0, INT8: 127.0, INT4: 7.0}
 FP8_REL = 2.0 ** -4        # half ulp of a 3-bit mantissa, relative to the value
 FP8_SUB_ABS = 2.0 ** -10   # half the subnormal spacing (2^-9), in units of the scale
 F32_SLACK = 1e-5           # relative slack for float32 rounding in w/s and q*s
@@ -64,6 +64,9 @@ def roundtrip_bound(w, s_full, fmt):
         bound = s_full / 2
     elif fmt == FP8_E4M3:
         bound = torch.maximum(FP8_REL * w, FP8_SUB_ABS * s_full)
+    elif fmt == FP8_E5M2:
+        # 2-bit mantissa: half ulp is 2^-3 relative; subnormal spacing 2^-16, half of it 2^-17.
+        bound = torch.maximum(2.0 ** -3 * w, 2.0 ** -17 * s_full)
     else:
         raise AssertionError(f"no bound known for format {fmt!r}")
     return bound * (1 + F32_SLACK) + F32_SLACK * w
@@ -96,6 +99,8 @@ def fake_quant_rows(t, fmt):
     v = t / s
     if fmt == FP8_E4M3:
         q = v.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    elif fmt == FP8_E5M2:
+        q = v.clamp(-57344, 57344).to(torch.float8_e5m2).float()
     else:
         q = v.round().clamp(-QMAX[fmt], QMAX[fmt])
     return q * s
@@ -158,7 +163,7 @@ def check_weight(w, scheme):
             assert q.dtype == torch.int8
             assert q.min() >= -127  # symmetric range, -128 unused
         else:
-            assert q.dtype == torch.float8_e4m3fn
+            assert q.dtype == {FP8_E4M3: torch.float8_e4m3fn, FP8_E5M2: torch.float8_e5m2}[scheme.weight_format]
             assert not torch.isnan(q.float()).any()  # e4m3fn overflows to NaN: scale must prevent it
         expected_shape = {PER_CHANNEL: (n, 1), PER_TENSOR: (), BLOCK_128: (ceil128(n), ceil128(k))}[g]
         assert s.shape == expected_shape
@@ -394,7 +399,7 @@ def test_accuracy_against_float32(scheme):
     ref = x @ w.t()
     # 8-bit formats keep ~3+ significant bits per operand: cos >= 0.999; int4 keeps ~3 bits of a
     # 16-level grid, so 0.99.
-    threshold = 0.99 if scheme.weight_format == INT4 else 0.999
+    threshold = {INT4: 0.99, FP8_E5M2: 0.998}.get(scheme.weight_format, 0.999)
     assert cosine(y, ref) >= threshold
 
 
