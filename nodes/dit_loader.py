@@ -10,7 +10,7 @@ import comfy.model_detection
 import comfy.sd
 import comfy.utils
 
-from ..quant.backends import pick_backend, why_not
+from ..quant.backends import backend_reasons, pick_backend, why_not
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.formats.load import layout_of, load_checkpoint
@@ -65,6 +65,10 @@ def describe_kernels(report: QuantReport, device: torch.device, backend: str | N
             why = why_not(backend, scheme, device)
             report.notes.append(f"backend '{backend}' cannot run {name} on {device} ({why}); "
                                 f"falling back to '{chosen.name}'")
+        if chosen.name == "reference" and device.type != "cpu":
+            reasons = "; ".join(f"{b}: {r}" for b, r in backend_reasons(scheme, device).items())
+            report.notes.append(f"no fast kernel for {name} on {device} ({reasons}); running the exact "
+                                "but slow emulation. Pick a scheme this GPU supports for speed.")
 
 
 def build_report(path: str, layout: str, layers: dict[str, LayerQuant]) -> QuantReport:

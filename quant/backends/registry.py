@@ -70,6 +70,17 @@ def why_not(name: str, scheme: Scheme, device: torch.device) -> Optional[str]:
     return b.availability() or b.supports(scheme, device)
 
 
+def backend_reasons(scheme: Scheme, device: torch.device) -> dict[str, str]:
+    """Why each non-reference backend cannot run `scheme` on `device` (empty ones can)."""
+    out = {}
+    for name in _BACKENDS:
+        if name != "reference":
+            why = why_not(name, scheme, device)
+            if why:
+                out[name] = why
+    return out
+
+
 def pick_backend(scheme: Scheme, device: torch.device, preferred: Optional[str] = None,
                  strict: bool = False) -> Backend:
     """The best backend for (scheme, device). A `preferred` one (e.g. from an alias such as

@@ -228,3 +228,19 @@ def test_peak_memory_while_quantizing_is_bounded(comfy, models_dir):
           f"a full fp32 copy would be {fp32_copy_kib / 1024:.0f} MiB; bound {bound / 1024:.0f} MiB")
     assert rise < bound
     assert bound < fp32_copy_kib  # the bound really excludes a second full-precision copy
+
+
+def test_scheme_without_fast_kernel_on_a_gpu_is_announced(comfy, archs, monkeypatch):
+    """fp8 W8A8 on a GPU below compute capability 8.9: the report says the emulation runs and why."""
+    _, pack = comfy
+    import dataclasses
+    registry = pack.quant.backends.registry
+    # An Ampere GPU (8.6): CUDA is there, fp8 tensor cores are not.
+    monkeypatch.setattr(pack.quant.backends.torch_native, "cuda_capability", lambda device: (8, 6))
+    monkeypatch.setitem(registry._BACKENDS, "torch",
+                        dataclasses.replace(registry._BACKENDS["torch"], availability=lambda: None))
+    report = pack.quant.report.QuantReport(source="x", layout="y", schemes={"fp8-w8a8": 1})
+    pack.nodes.dit_loader.describe_kernels(report, torch.device("cuda", 0), "auto")
+    text = report.text()
+    assert "kernel: reference on cuda:0" in text
+    assert "no fast kernel for fp8-w8a8 on cuda:0" in text and "8.9" in text, text
