@@ -1,7 +1,6 @@
 """Turn a pre-quantized DiT file into a ComfyUI MODEL served by this pack's quantized ops."""
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -10,16 +9,14 @@ import comfy.model_detection
 import comfy.sd
 import comfy.utils
 
-from ..quant.backends import backend_reasons, pick_backend, why_not
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.formats.load import layout_of, load_checkpoint
 from ..quant.reference import weight_nbytes
-from ..quant.report import QuantReport, layer_group
+from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import get_scheme
 from .ops import make_quant_ops
 
-log = logging.getLogger("quantdit")
 
 COMPUTE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -53,22 +50,6 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
     report = build_report(path, layout_of(plan), layers)
     describe_kernels(report, model.load_device, backend)
     return model, report
-
-
-def describe_kernels(report: QuantReport, device: torch.device, backend: str | None):
-    """Which kernel each scheme will run on the device ComfyUI loads the model to."""
-    for name in report.schemes:
-        scheme = get_scheme(name)
-        chosen = pick_backend(scheme, device, None if backend == "auto" else backend)
-        report.backends[name] = f"{chosen.name} on {device}"
-        if backend not in (None, "auto", chosen.name):
-            why = why_not(backend, scheme, device)
-            report.notes.append(f"backend '{backend}' cannot run {name} on {device} ({why}); "
-                                f"falling back to '{chosen.name}'")
-        if chosen.name == "reference" and device.type != "cpu":
-            reasons = "; ".join(f"{b}: {r}" for b, r in backend_reasons(scheme, device).items())
-            report.notes.append(f"no fast kernel for {name} on {device} ({reasons}); running the exact "
-                                "but slow emulation. Pick a scheme this GPU supports for speed.")
 
 
 def build_report(path: str, layout: str, layers: dict[str, LayerQuant]) -> QuantReport:

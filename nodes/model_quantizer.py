@@ -7,7 +7,7 @@ One layer is quantized at a time, so peak extra memory is the quantized model pl
 """
 from __future__ import annotations
 
-import logging
+from collections import Counter
 
 import torch
 
@@ -20,7 +20,6 @@ from ..quant.report import QuantReport, layer_group
 from ..quant.schemes import ResolvedScheme
 from .ops import QuantizedLinear, QuantLinearMixin
 
-log = logging.getLogger("quantdit")
 ROOT = "diffusion_model"
 
 
@@ -42,30 +41,28 @@ def _current_module(model, name: str, module: torch.nn.Module) -> torch.nn.Modul
 def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: LayerFilter,
                    title: str):
     scheme = resolved.scheme
-    pref = None if backend == "auto" else backend
-    if pref is None:
-        pref = resolved.backend  # e.g. 'vllm' from int8-vllm; falls back visibly when missing
+    # 'auto' keeps the alias's kernel (e.g. 'vllm' from int8-vllm); it falls back visibly when missing.
+    pref = resolved.backend if backend == "auto" else backend
     out = model.clone()
     _release_patched_weights(model)
     report = QuantReport(source=title, layout=f"runtime {scheme.name}")
-    skipped: dict[str, int] = {}
+    skipped: Counter[str] = Counter()
     diffusion = model.get_model_object(ROOT)
     candidates = []
     for name, module in diffusion.named_modules():
         module = _current_module(model, name, module)
         if isinstance(module, QuantLinearMixin) and module.quant_scheme is not None:
-            skipped[f"already quantized ({module.quant_scheme.name})"] = skipped.get(
-                f"already quantized ({module.quant_scheme.name})", 0) + 1
+            skipped[f"already quantized ({module.quant_scheme.name})"] += 1
             continue
         if not isinstance(module, torch.nn.Linear):
             if type(module).__name__ == "Linear" and hasattr(module, "quant_format"):
-                skipped["already quantized by ComfyUI"] = skipped.get("already quantized by ComfyUI", 0) + 1
+                skipped["already quantized by ComfyUI"] += 1
             continue
         reason = layer_filter.skip_reason(name, tuple(module.weight.shape))
         if reason is None and scheme.quantizes_activation and layer_filter.is_small_m(name):
             reason = "runs on few rows (text/image context): W8A8 is slower than bf16 there"
         if reason:
-            skipped[reason] = skipped.get(reason, 0) + 1
+            skipped[reason] += 1
             continue
         candidates.append((name, module))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..quant.filters import LayerFilter
+from ..quant.report import describe_kernels
 from ..quant.schemes import all_names, resolve
-from .dit_loader import describe_kernels
 from .loader_nodes import backend_options
 from .model_quantizer import quantize_model
 

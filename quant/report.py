@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from .backends import backend_reasons, pick_backend, why_not
+from .schemes import get_scheme
+
 
 @dataclass
 class QuantReport:
@@ -41,3 +46,19 @@ def layer_group(name: str) -> str:
         if p.isdigit():
             return ".".join(parts[i + 1:]) or name
     return name
+
+
+def describe_kernels(report: QuantReport, device: torch.device, backend: str | None):
+    """Which kernel each scheme will run on the device ComfyUI loads the model to."""
+    for name in report.schemes:
+        scheme = get_scheme(name)
+        chosen = pick_backend(scheme, device, None if backend == "auto" else backend)
+        report.backends[name] = f"{chosen.name} on {device}"
+        if backend not in (None, "auto", chosen.name):
+            why = why_not(backend, scheme, device)
+            report.notes.append(f"backend '{backend}' cannot run {name} on {device} ({why}); "
+                                f"falling back to '{chosen.name}'")
+        if chosen.name == "reference" and device.type != "cpu":
+            reasons = "; ".join(f"{b}: {r}" for b, r in backend_reasons(scheme, device).items())
+            report.notes.append(f"no fast kernel for {name} on {device} ({reasons}); running the exact "
+                                "but slow emulation. Pick a scheme this GPU supports for speed.")

@@ -240,7 +240,7 @@ def test_scheme_without_fast_kernel_on_a_gpu_is_announced(comfy, archs, monkeypa
     monkeypatch.setitem(registry._BACKENDS, "torch",
                         dataclasses.replace(registry._BACKENDS["torch"], availability=lambda: None))
     report = pack.quant.report.QuantReport(source="x", layout="y", schemes={"fp8-w8a8": 1})
-    pack.nodes.dit_loader.describe_kernels(report, torch.device("cuda", 0), "auto")
+    pack.quant.report.describe_kernels(report, torch.device("cuda", 0), "auto")
     text = report.text()
     assert "kernel: reference on cuda:0" in text
     assert "no fast kernel for fp8-w8a8 on cuda:0" in text and "8.9" in text, text
