@@ -11,7 +11,7 @@ import comfy.model_management
 import comfy.ops
 
 from ..quant import reference
-from ..quant.backends import pick_backend
+from ..quant.backends import pick_backend, quantized_linear
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.schemes import Scheme, get_scheme
@@ -48,7 +48,7 @@ class QuantLinearMixin:
         if len(self.weight_function) or len(self.bias_function):
             return self._patched_forward(x, qdata, scale, bias)
         k = self.in_features
-        y = self._kernel(dev).linear(x.reshape(-1, k), qdata, scale, bias, self.quant_scheme, k)
+        y = quantized_linear(x.reshape(-1, k), qdata, scale, bias, self.quant_scheme.name, k, self._kernel(dev).name)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _patched_forward(self, x, qdata, scale, bias):

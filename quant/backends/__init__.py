@@ -1,7 +1,9 @@
-"""Kernel backends. Importing this package registers every provider module."""
-from . import reference_backend, torch_native  # noqa: F401  (registration side effects)
+"""Kernel backends. Importing this package registers every provider module; each one reports
+why it cannot run (not installed, wrong GPU, import error) instead of failing at import."""
+from . import (comfy_kitchen_backend, deep_gemm_backend, reference_backend, sgl_kernel_backend,  # noqa: F401
+               torch_native, torchao_backend, triton_backend, vllm_backend)
 from .registry import (Backend, backend_reasons, BackendUnavailableError, NoCapableBackendError, get_backend,
-                       list_backends, pick_backend, why_not)
+                       list_backends, pick_backend, quantized_linear, why_not)
 
 __all__ = ["Backend", "backend_reasons", "BackendUnavailableError", "NoCapableBackendError", "get_backend",
-           "list_backends", "pick_backend", "why_not"]
+           "list_backends", "pick_backend", "quantized_linear", "why_not"]

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..schemes import Scheme
+from ..schemes import Scheme, get_scheme
 
 log = logging.getLogger("quantdit")
 
@@ -112,3 +112,16 @@ def cuda_capability(device: torch.device) -> Optional[tuple[int, int]]:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability(device)
+
+
+@torch.library.custom_op("quantdit::quantized_linear", mutates_args=())
+def quantized_linear(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                     scheme: str, in_features: int, backend: str) -> torch.Tensor:
+    """Backend `backend`'s kernel for a [tokens, in_features] input, as one opaque op: torch.compile
+    traces around it instead of into Triton launchers or foreign libraries."""
+    return _BACKENDS[backend].linear(x2d, qdata, scale, bias, get_scheme(scheme), in_features)
+
+
+@quantized_linear.register_fake
+def _quantized_linear_shape(x2d, qdata, scale, bias, scheme, in_features, backend):
+    return x2d.new_empty((x2d.shape[0], qdata.shape[0]))

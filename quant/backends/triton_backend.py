@@ -1,0 +1,83 @@
+"""This pack's own Triton kernels (quant/kernels): the fast path with only torch + triton installed.
+
+- int8 W8A8: Triton per-token quant + Triton GEMM with the dequant fused into its epilogue.
+- fp8 W8A8: Triton per-token quant + cuBLASLt rowwise `torch._scaled_mm` (the fastest fp8 GEMM
+  with torch alone); the Triton fp8 GEMM is used where `_scaled_mm` cannot take the shape.
+- fp8 block-128: Triton 1x128 group quant + Triton block-scaled GEMM.
+- int4 g128 weight-only: Triton unpack/dequant into a per-call bf16 weight + cuBLAS.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..kernels import interpreted, triton_missing
+from ..schemes import Scheme
+from .registry import Backend, cuda_capability, register_backend
+
+# scheme -> minimum compute capability of the kernel used for it
+_MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9), "fp8-block128": (8, 9), "int4-g128": (8, 0)}
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    from ..kernels import triton_gemm, triton_int4, triton_quant
+    return triton_quant, triton_gemm, triton_int4
+
+
+def _availability():
+    missing = triton_missing()
+    if missing:
+        return missing
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
+def _supports(scheme: Scheme, device: torch.device):
+    need = _MIN_CAPABILITY.get(scheme.name)
+    if need is None:
+        return f"no Triton kernel for {scheme.name}"
+    cap = cuda_capability(device)
+    if cap is None:
+        return f"runs on CUDA devices only (got {device})"
+    if cap < need:
+        return f"{scheme.name} needs compute capability {need[0]}.{need[1]}+, this GPU is {cap[0]}.{cap[1]}"
+    return None
+
+
+def _scaled_mm_ok(xq: torch.Tensor, n: int) -> bool:
+    k = xq.shape[1]
+    return (xq.is_cuda and not interpreted() and k % 16 == 0 and n % 16 == 0
+            and cuda_capability(xq.device) >= (8, 9))
+
+
+def _linear(x2d, qdata, scale, bias, scheme, in_features):
+    quant, gemm, int4 = _kernels()
+    out_dtype = x2d.dtype
+    if scheme.name == "int8-w8a8":
+        xq, xs = quant.per_token_quant(x2d, torch.int8)
+        return gemm.w8a8_gemm(xq, xs, qdata, scale, bias, out_dtype)
+    if scheme.name == "fp8-w8a8":
+        xq, xs = quant.per_token_quant(x2d, torch.float8_e4m3fn)
+        n = qdata.shape[0]
+        if _scaled_mm_ok(xq, n) and out_dtype in (torch.bfloat16, torch.float16):
+            b = None if bias is None else bias.to(out_dtype)
+            return torch._scaled_mm(xq, qdata.t(), scale_a=xs, scale_b=scale.reshape(1, -1).float(),
+                                    bias=b, out_dtype=out_dtype)
+        return gemm.w8a8_gemm(xq, xs, qdata, scale, bias, out_dtype)
+    if scheme.name == "fp8-block128":
+        xq, xs = quant.per_group_fp8_quant(x2d)
+        return gemm.block_fp8_gemm(xq, xs, qdata, scale, bias, out_dtype)
+    if scheme.name == "int4-g128":
+        w = int4.dequantize_int4(qdata, scale, in_features, out_dtype)
+        return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(out_dtype))
+    raise ValueError(f"the triton backend has no kernel for {scheme.name}")
+
+
+TRITON = register_backend(Backend(
+    name="triton", priority=20, availability=_availability, supports=_supports, linear=_linear,
+    install_hint="Install Triton (`pip install triton`; it ships with PyTorch's CUDA wheels on Linux, "
+                 "and as `triton-windows` on Windows).",
+))

@@ -1,0 +1,130 @@
+"""vLLM's CUTLASS kernels: `cutlass_scaled_mm` (int8 and fp8, per-token x per-channel scales, and
+fp8 1x128 / 128x128 blocks on Hopper) with vLLM's own dynamic activation quant ops.
+
+Only vLLM's kernel library is needed, not vLLM itself: it is found next to an installed `vllm`
+package (never imported: importing vllm is slow and pulls a large stack), or at the path in
+QUANTDIT_VLLM_LIB. The library registers its ops under torch.ops._C.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from .. import reference
+from ..schemes import Scheme
+from .registry import Backend, cuda_capability, register_backend
+
+_LIB_NAMES = ("_C_stable_libtorch.abi3.so", "_C.abi3.so")
+_OPS = ("cutlass_scaled_mm", "dynamic_scaled_int8_quant", "dynamic_per_token_scaled_fp8_quant",
+        "per_token_group_fp8_quant")
+_MIN_CAPABILITY = {"int8-w8a8": (7, 5), "fp8-w8a8": (8, 9), "fp8-block128": (9, 0)}
+
+
+def _library_path() -> Optional[str]:
+    env = os.environ.get("QUANTDIT_VLLM_LIB")
+    if env:
+        return env
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        for name in _LIB_NAMES:
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                return path
+    return None
+
+
+def _has_ops() -> bool:
+    try:
+        return all(hasattr(torch.ops._C, op) for op in _OPS)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> Optional[str]:
+    """None once the ops are registered, else why they cannot be."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if _has_ops():  # vllm was imported by something else in this process
+        return None
+    path = _library_path()
+    if path is None:
+        return "vLLM is not installed (no vllm package, and QUANTDIT_VLLM_LIB is not set)"
+    if not os.path.exists(path):
+        return f"QUANTDIT_VLLM_LIB points to {path}, which does not exist"
+    try:
+        torch.ops.load_library(path)
+    except Exception as e:  # OSError for a wrong CUDA/torch build, RuntimeError for ABI mismatches
+        return f"vLLM's kernel library {path} does not load with this PyTorch ({type(e).__name__}: {e})"
+    if not _has_ops():
+        return f"{path} loaded but lacks the ops {', '.join(_OPS)} (a vLLM version this pack does not know)"
+    return None
+
+
+def _supports(scheme: Scheme, device: torch.device):
+    need = _MIN_CAPABILITY.get(scheme.name)
+    if need is None:
+        return f"no vLLM kernel for {scheme.name}"
+    cap = cuda_capability(device)
+    if cap is None:
+        return f"runs on CUDA devices only (got {device})"
+    if cap < need:
+        return f"{scheme.name} needs compute capability {need[0]}.{need[1]}+, this GPU is {cap[0]}.{cap[1]}"
+    if scheme.name == "fp8-block128" and not torch.ops._C.cutlass_scaled_mm_supports_block_fp8(cap[0] * 10 + cap[1]):
+        return "this vLLM build has no block-fp8 CUTLASS kernel for this GPU"
+    return None
+
+
+def _cutlass_ok(k: int, n: int, out_dtype: torch.dtype) -> bool:
+    return k % 16 == 0 and n % 16 == 0 and out_dtype in (torch.bfloat16, torch.float16)
+
+
+def _per_token(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    x2d = x2d.contiguous()
+    q = torch.empty(x2d.shape, dtype=dtype, device=x2d.device)
+    s = torch.empty((x2d.shape[0], 1), dtype=torch.float32, device=x2d.device)
+    if dtype == torch.int8:
+        torch.ops._C.dynamic_scaled_int8_quant(q, x2d, s, None)
+    else:
+        torch.ops._C.dynamic_per_token_scaled_fp8_quant(q, x2d, s, None)
+    return q, s
+
+
+def _per_group(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x2d = x2d.contiguous()
+    m, k = x2d.shape
+    q = torch.empty((m, k), dtype=reference.FP8_DTYPE, device=x2d.device)
+    s = torch.empty((k // reference.GROUP, m), dtype=torch.float32, device=x2d.device).t()  # token-major
+    torch.ops._C.per_token_group_fp8_quant(x2d, q, s, reference.GROUP, 1e-12, -reference.FP8_MAX,
+                                           reference.FP8_MAX, False, True, False)
+    return q, s
+
+
+def _linear(x2d, qdata, scale, bias, scheme, in_features):
+    out_dtype = x2d.dtype
+    m, n = x2d.shape[0], qdata.shape[0]
+    if not _cutlass_ok(in_features, n, out_dtype) or (scheme.name == "fp8-block128" and in_features % 128):
+        return reference.emulated_linear(x2d, qdata, scale, scheme, bias, in_features)
+    if scheme.name == "fp8-block128":
+        xq, xs = _per_group(x2d)
+        ws = scale.float().t()  # [K/128, N/128]
+    else:
+        xq, xs = _per_token(x2d, torch.int8 if scheme.name == "int8-w8a8" else reference.FP8_DTYPE)
+        ws = scale.float().reshape(-1, 1).contiguous()
+    out = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
+    b = None if bias is None else bias.to(out_dtype).contiguous()
+    torch.ops._C.cutlass_scaled_mm(out, xq, qdata.t(), xs, ws, b)
+    return out
+
+
+VLLM = register_backend(Backend(
+    name="vllm", priority=30, availability=_load, supports=_supports, linear=_linear,
+    install_hint="Install the optional extra: `pip install comfyui-quantdit[vllm]` (a vllm build matching "
+                 "your PyTorch), or set QUANTDIT_VLLM_LIB to vLLM's _C_stable_libtorch.abi3.so.",
+))

@@ -1,0 +1,189 @@
+"""Scaled GEMMs for quantized linears: y[M, N] = x_q[M, K] @ w_q[N, K]^T, dequantized in the epilogue.
+
+- `w8a8_gemm`: int8 or fp8 operands, one scale per token x one scale per output channel, bias,
+  cast to the output dtype, all in the epilogue (torch._int_mm + a separate dequant writes and
+  re-reads an int32 [M, N] tensor and ends slower than bf16).
+- `block_fp8_gemm`: fp8 with 1x128 activation groups and 128x128 weight blocks (the DeepGEMM
+  recipe): the partial product of each 128-wide K step is scaled before it is accumulated.
+Tile sizes are autotuned per (M bucket, N, K) on the GPU; the CPU interpreter uses one small tile.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreted
+
+
+def _configs():
+    out = []
+    for bm, bn, warps, stages in ((128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4),
+                                  (64, 128, 4, 4), (64, 64, 4, 5)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8},
+                                 num_warps=warps, num_stages=stages))
+    return out
+
+
+def _block_configs():
+    # The block recipe needs BLOCK_K == 128 and BLOCK_N dividing 128 (one weight scale per tile column).
+    out = []
+    for bm, bn, warps, stages in ((128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8},
+                                 num_warps=warps, num_stages=stages))
+    return out
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped order: GROUP_M row tiles share the weight tiles they read while those sit in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
+def _epilogue(acc, y_ptr, bias_ptr, offs_m, offs_n, M, N, stride_y, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_y + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _w8a8_kernel(a_ptr, b_ptr, y_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET,
+                 stride_a, stride_b, stride_y,
+                 HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns wrap around instead of being masked: their results are never stored.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]
+    b_ptrs = b_ptr + cols[None, :] * stride_b + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < left, other=0.0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    a_s = tl.load(as_ptr + rows)
+    b_s = tl.load(bs_ptr + cols)
+    out = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
+    _epilogue(out, y_ptr, bias_ptr, offs_m, offs_n, M, N, stride_y, HAS_BIAS)
+
+
+@triton.jit
+def _block_fp8_kernel(a_ptr, b_ptr, y_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET,
+                      stride_a, stride_b, stride_y, stride_as_k, stride_bs_n,
+                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]
+    b_ptrs = b_ptr + cols[None, :] * stride_b + offs_k[:, None]
+    as_ptrs = as_ptr + rows                      # scale[k_group, token], K-group-major
+    bs_ptrs = bs_ptr + (cols // 128) * stride_bs_n  # scale[n_block, k_block]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < left, other=0.0)
+        a_s = tl.load(as_ptrs + k * stride_as_k)
+        b_s = tl.load(bs_ptrs + k)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    _epilogue(acc, y_ptr, bias_ptr, offs_m, offs_n, M, N, stride_y, HAS_BIAS)
+
+
+_w8a8_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(_w8a8_kernel)
+_block_tuned = triton.autotune(configs=_block_configs(), key=["M_BUCKET", "N", "K"])(_block_fp8_kernel)
+_INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 4}
+
+
+def _m_bucket(m: int) -> int:
+    # Autotune once per power-of-two token count, not for every prompt length.
+    return min(triton.next_power_of_2(max(m, 16)), 1 << 16)
+
+
+def _check(xq, wq):
+    if xq.dim() != 2 or wq.dim() != 2 or xq.shape[1] != wq.shape[1]:
+        raise ValueError(f"GEMM shapes do not match: x {tuple(xq.shape)}, w {tuple(wq.shape)}")
+    if xq.stride(1) != 1 or wq.stride(1) != 1:
+        raise ValueError("GEMM operands must be row-major with contiguous rows")
+
+
+def _launch(tuned, plain, grid_mn, *args, **meta):
+    if interpreted():
+        plain[lambda m: (triton.cdiv(grid_mn[0], m["BLOCK_M"]) * triton.cdiv(grid_mn[1], m["BLOCK_N"]),)](
+            *args, **meta, **_INTERPRETER_TILE)
+    else:
+        tuned[lambda m: (triton.cdiv(grid_mn[0], m["BLOCK_M"]) * triton.cdiv(grid_mn[1], m["BLOCK_N"]),)](
+            *args, **meta)
+
+
+def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+              bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """xq [M, K], x_scale [M, 1]; wq [N, K], w_scale [N, 1] (int8 or float8_e4m3fn) -> [M, N] out_dtype."""
+    _check(xq, wq)
+    m, k = xq.shape
+    n = wq.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return y
+    is_int = xq.dtype == torch.int8
+    a_s = x_scale.reshape(-1).float().contiguous()
+    b_s = w_scale.reshape(-1).float().contiguous()
+    if b_s.numel() == 1:
+        b_s = b_s.expand(n).contiguous()
+    bias_arg = bias.contiguous() if bias is not None else y
+    _launch(_w8a8_tuned, _w8a8_kernel, (m, n), xq, wq, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m),
+            xq.stride(0), wq.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, IS_INT=is_int, EVEN_K=k % 128 == 0)
+    return y
+
+
+def block_fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                   bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """xq [M, K] fp8 with x_scale [M, ceil(K/128)] (any strides, token-contiguous is fastest);
+    wq [N, K] fp8 with w_scale [ceil(N/128), ceil(K/128)] -> [M, N] out_dtype."""
+    _check(xq, wq)
+    m, k = xq.shape
+    n = wq.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return y
+    if x_scale.stride(0) != 1:  # the kernel reads scale[k_group, token] with tokens contiguous
+        x_scale = x_scale.float().t().contiguous().t()
+    x_scale = x_scale.float()
+    w_scale = w_scale.float().contiguous()
+    bias_arg = bias.contiguous() if bias is not None else y
+    _launch(_block_tuned, _block_fp8_kernel, (m, n), xq, wq, y, x_scale, w_scale, bias_arg, m, n, k, _m_bucket(m),
+            xq.stride(0), wq.stride(0), y.stride(0), x_scale.stride(1), w_scale.stride(0),
+            HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
+    return y
