@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from quant import reference
-from quant.backends import get_backend, pick_backend
+from quant.backends import get_backend
 from quant.schemes import get_scheme
 
 pytestmark = pytest.mark.gpu
@@ -45,9 +45,3 @@ def test_weight_only_upcast_matches_reference(name):
     fast = get_backend("torch").linear(x, q, s, None, scheme, 512)
     ref = reference.emulated_linear(x, q, s, scheme, None, 512)
     assert cos(fast, ref) > 0.9999
-
-
-def test_auto_picks_torch_for_fp8_on_hopper_and_reference_for_unsupported():
-    assert pick_backend(get_scheme("fp8-w8a8"), DEV).name == "torch"
-    # No torch-native int8 W8A8 kernel yet (the unfused _int_mm path is slower than bf16):
-    assert pick_backend(get_scheme("int8-w8a8"), DEV).name == "reference"

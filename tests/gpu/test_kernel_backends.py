@@ -1,0 +1,104 @@
+"""Every kernel backend present on the GPU machine against quant/reference.py, at DiT shapes.
+
+Set QUANTDIT_EXPECT_BACKENDS (comma list) to the backends that must be available there: a
+missing one fails instead of being left out quietly. The README's GPU command sets it."""
+import os
+
+import pytest
+import torch
+
+from quant import reference
+from quant.backends import get_backend, list_backends, pick_backend, why_not
+from quant.kernels import triton_gemm, triton_int4, triton_quant
+from quant.schemes import get_scheme
+
+pytestmark = pytest.mark.gpu
+DEV = torch.device("cuda")
+W8A8 = ["fp8-w8a8", "int8-w8a8", "fp8-block128"]
+ALL = W8A8 + ["int4-g128"]
+SHAPES = [(512, 5120, 5120), (4096, 3072, 12288), (77, 1536, 8960), (333, 384, 256)]
+EXPECTED = [b for b in os.environ.get("QUANTDIT_EXPECT_BACKENDS", "triton").split(",") if b]
+
+
+def cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), 0))
+
+
+def test_expected_backends_are_available_here():
+    listed = list_backends()
+    print({k: v or "available" for k, v in listed.items()})
+    for name in EXPECTED:
+        assert listed[name] is None, f"{name}: {listed[name]}"
+
+
+@pytest.mark.parametrize("m,k", [(32760, 5120), (4096, 13824), (7, 20000), (1, 64)])
+@pytest.mark.parametrize("dtype,fmt", [(torch.int8, reference.INT8), (torch.float8_e4m3fn, reference.FP8_E4M3)])
+def test_triton_per_token_quant_is_exact_on_gpu(m, k, dtype, fmt):
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * 4
+    q, s = triton_quant.per_token_quant(x, dtype)
+    rq, rs = reference.quantize_rowwise(x, fmt)
+    assert torch.equal(s, rs)
+    assert torch.equal(q.float(), rq.float())
+
+
+def test_triton_group_quant_and_int4_dequant_are_exact_on_gpu():
+    x = torch.randn(4096, 3072, device=DEV, dtype=torch.bfloat16)
+    q, s = triton_quant.per_group_fp8_quant(x)
+    rq, rs = reference.quantize_groupwise(x, reference.FP8_E4M3)
+    assert torch.equal(s, rs) and torch.equal(q.float(), rq.float())
+    scheme = get_scheme("int4-g128")
+    wq, ws = reference.quantize_weight(torch.randn(3072, 12288 + 40, device=DEV), scheme)
+    w = triton_int4.dequantize_int4(wq, ws, 12288 + 40, torch.bfloat16)
+    assert torch.equal(w, reference.dequantize_weight(wq, ws, scheme, 12288 + 40).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_triton_own_w8a8_gemm_matches_reference(scheme_name, m, k, n):
+    scheme = get_scheme(scheme_name)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    wq, ws = reference.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, scheme)
+    b = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    xq, xs = reference.quantize_activation(x, scheme)
+    y = triton_gemm.w8a8_gemm(xq, xs, wq, ws, b, torch.bfloat16)
+    ref = reference.emulated_linear(x, wq, ws, scheme, b, k)
+    assert cos(y, ref) > 0.99999
+    assert float((y.float() - ref.float()).abs().max()) <= 0.01 * float(ref.float().abs().max())
+
+
+@pytest.mark.parametrize("backend", ["triton", "vllm", "comfy-kitchen", "sgl-kernel", "torchao", "deep-gemm", "torch"])
+@pytest.mark.parametrize("scheme_name", ALL)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_backend_matches_reference(backend, scheme_name, m, k, n):
+    scheme = get_scheme(scheme_name)
+    why = why_not(backend, scheme, DEV)
+    if why is not None:
+        if backend in EXPECTED and scheme_name in _CLAIMED.get(backend, ()):
+            pytest.fail(f"{backend} should run {scheme_name} here: {why}")
+        pytest.skip(why)
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device=DEV) / k ** 0.5
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, device=DEV, dtype=torch.bfloat16) * 0.1
+    wq, ws = reference.quantize_weight(w, scheme)
+    y = get_backend(backend).linear(x, wq, ws, b, scheme, k)
+    ref = reference.emulated_linear(x, wq, ws, scheme, b, k)
+    exact = x.float() @ w.t() + b.float()
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    # Same quantized weights; activation quant may round a few elements differently per backend.
+    assert cos(y, ref) > 0.9999, cos(y, ref)
+    # The quality target: per-layer cosine to the unquantized output.
+    assert cos(y, exact) > (0.999 if scheme_name in W8A8 else 0.99), cos(y, exact)
+
+
+_CLAIMED = {"triton": ALL, "vllm": W8A8, "comfy-kitchen": ["int8-w8a8"], "torchao": ["fp8-w8a8"],
+            "torch": ["fp8-w8a8"]}
+
+
+def test_auto_choice_on_this_gpu():
+    picks = {s: pick_backend(get_scheme(s), DEV).name for s in ALL + ["fp8-weight-only"]}
+    print(picks)
+    best = "vllm" if "vllm" in EXPECTED else "triton"
+    assert picks["fp8-w8a8"] == best and picks["int8-w8a8"] == best
+    assert picks["int4-g128"] == "triton" and picks["fp8-weight-only"] == "torch"
+    assert picks["fp8-block128"] in ("vllm", "deep-gemm", "triton")
