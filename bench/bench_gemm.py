@@ -53,6 +53,31 @@ def own_fp8_gemm(x, qdata, scale, bias, scheme, k):
     return triton_gemm.w8a8_gemm(xq, xs, qdata, scale, bias, x.dtype)
 
 
+def quant_only_rows(x, dev):
+    """The activation quant alone: ours (Triton) and vLLM's where present."""
+    from quant.backends import vllm_backend
+    from quant.kernels import triton_quant
+    out = []
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        out.append((f"triton quant {str(dtype)[6:]}", bench_ms(lambda: triton_quant.per_token_quant(x, dtype))))
+        if why_not("vllm", get_scheme("int8-w8a8"), dev) is None:
+            out.append((f"vllm quant {str(dtype)[6:]}", bench_ms(lambda: vllm_backend._per_token(x, dtype))))
+    return out
+
+
+def no_tma(fn):
+    """The same backend with the Triton GEMM's pre-Hopper (non-TMA) tile loads."""
+    from quant.kernels import triton_gemm
+
+    def run(*args):
+        triton_gemm.USE_TMA = False
+        try:
+            return fn(*args)
+        finally:
+            triton_gemm.USE_TMA = True
+    return run
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="*", default=["wan14b", "flux"])
@@ -74,6 +99,8 @@ def main():
             t_bf16 = bench_ms(lambda: torch.nn.functional.linear(x, w, bias))
             print(f"\n{model} {label}: M={m} K={k} N={n}  bf16 {t_bf16:.3f} ms "
                   f"({2 * m * k * n / t_bf16 / 1e9:.0f} TFLOP/s)")
+            for what, t in quant_only_rows(x, dev):
+                print(f"  {what:30} {t:8.3f} ms")
             for scheme_name in a.schemes:
                 scheme = get_scheme(scheme_name)
                 qdata, scale = reference.quantize_weight(w.float(), scheme)
@@ -81,6 +108,8 @@ def main():
                 variants = [(b, get_backend(b).linear) for b in BACKENDS if why_not(b, scheme, dev) is None]
                 if scheme_name == "fp8-w8a8" and why_not("triton", scheme, dev) is None:
                     variants.append(("triton-own-gemm", own_fp8_gemm))
+                if scheme_name == "int8-w8a8" and why_not("triton", scheme, dev) is None:
+                    variants.append(("triton-no-tma", no_tma(get_backend("triton").linear)))
                 for backend, fn in variants:
                     y = fn(x, qdata, scale, bias, scheme, k)
                     t = bench_ms(lambda: fn(x, qdata, scale, bias, scheme, k))

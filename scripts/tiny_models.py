@@ -16,20 +16,34 @@ from safetensors.torch import save_file
 WAN_TEXT_DIM_FOR_CLIP_L = 768
 
 
-def _linear(sd, name, out_f, in_f, gen, bias=True, gain=1.0):
-    sd[name + ".weight"] = torch.randn(out_f, in_f, generator=gen) * (gain / in_f ** 0.5)
+class _Random:
+    """randn in float32 on `device`, stored at once in `dtype` (a full-size DiT never exists in fp32)."""
+
+    def __init__(self, seed, device, dtype):
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.device, self.dtype = device, dtype
+
+    def randn(self, *shape, scale=1.0):
+        return (torch.randn(*shape, generator=self.gen, device=self.device) * scale).to(self.dtype)
+
+    def full(self, value, *shape):
+        return torch.full(shape, value, device=self.device, dtype=self.dtype)
+
+
+def _linear(sd, name, out_f, in_f, rnd, bias=True, gain=1.0):
+    sd[name + ".weight"] = rnd.randn(out_f, in_f, scale=gain / in_f ** 0.5)
     if bias:
-        sd[name + ".bias"] = torch.randn(out_f, generator=gen) * 0.02
+        sd[name + ".bias"] = rnd.randn(out_f, scale=0.02)
 
 
 def wan21_dit(dim=128, ffn_dim=256, num_layers=2, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
-              seed=0, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+              seed=0, dtype=torch.bfloat16, device="cpu") -> dict[str, torch.Tensor]:
     if dim % 128:
         raise ValueError("Wan uses 128-wide heads: dim must be a multiple of 128")
-    g = torch.Generator().manual_seed(seed)
+    g = _Random(seed, device, dtype)
     sd: dict[str, torch.Tensor] = {}
-    sd["patch_embedding.weight"] = torch.randn(dim, in_dim, 1, 2, 2, generator=g) * (1 / (in_dim * 4) ** 0.5)
-    sd["patch_embedding.bias"] = torch.zeros(dim)
+    sd["patch_embedding.weight"] = g.randn(dim, in_dim, 1, 2, 2, scale=1 / (in_dim * 4) ** 0.5)
+    sd["patch_embedding.bias"] = g.full(0.0, dim)
     _linear(sd, "text_embedding.0", dim, text_dim, g)
     _linear(sd, "text_embedding.2", dim, dim, g)
     _linear(sd, "time_embedding.0", dim, freq_dim, g)
@@ -37,19 +51,19 @@ def wan21_dit(dim=128, ffn_dim=256, num_layers=2, in_dim=16, out_dim=16, text_di
     _linear(sd, "time_projection.1", dim * 6, dim, g)  # gates ~1: blocks matter
     for i in range(num_layers):
         b = f"blocks.{i}."
-        sd[b + "modulation"] = torch.randn(1, 6, dim, generator=g) * 0.02
+        sd[b + "modulation"] = g.randn(1, 6, dim, scale=0.02)
         for attn in ("self_attn", "cross_attn"):
             for p in "qkvo":
                 _linear(sd, f"{b}{attn}.{p}", dim, dim, g)
-            sd[f"{b}{attn}.norm_q.weight"] = torch.ones(dim)
-            sd[f"{b}{attn}.norm_k.weight"] = torch.ones(dim)
-        sd[b + "norm3.weight"] = torch.ones(dim)
-        sd[b + "norm3.bias"] = torch.zeros(dim)
+            sd[f"{b}{attn}.norm_q.weight"] = g.full(1.0, dim)
+            sd[f"{b}{attn}.norm_k.weight"] = g.full(1.0, dim)
+        sd[b + "norm3.weight"] = g.full(1.0, dim)
+        sd[b + "norm3.bias"] = g.full(0.0, dim)
         _linear(sd, b + "ffn.0", ffn_dim, dim, g)
         _linear(sd, b + "ffn.2", dim, ffn_dim, g)
-    sd["head.modulation"] = torch.randn(1, 2, dim, generator=g) * 0.02
+    sd["head.modulation"] = g.randn(1, 2, dim, scale=0.02)
     _linear(sd, "head.head", out_dim * 4, dim, g, gain=0.5)
-    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+    return sd
 
 
 def wan21_metadata(text_dim: int) -> dict[str, str]:

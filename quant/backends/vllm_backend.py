@@ -119,6 +119,9 @@ def _linear(x2d, qdata, scale, bias, scheme, in_features):
         ws = scale.float().reshape(-1, 1).contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
     b = None if bias is None else bias.to(out_dtype).contiguous()
+    if scheme.name == "fp8-block128":  # the blockwise CUTLASS kernel takes no bias
+        torch.ops._C.cutlass_scaled_mm(out, xq, qdata.t(), xs, ws, None)
+        return out if b is None else out.add_(b)
     torch.ops._C.cutlass_scaled_mm(out, xq, qdata.t(), xs, ws, b)
     return out
 

@@ -9,6 +9,8 @@ Tile sizes are autotuned per (M bucket, N, K) on the GPU; the CPU interpreter us
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -121,6 +123,57 @@ def _block_fp8_kernel(a_ptr, b_ptr, y_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M_
     _epilogue(acc, y_ptr, bias_ptr, offs_m, offs_n, M, N, stride_y, HAS_BIAS)
 
 
+@triton.jit
+def _w8a8_tma_kernel(a_desc, b_desc, y_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET, stride_y,
+                     HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Hopper: the tensor-memory accelerator fetches the tiles (out-of-range parts read as zero).
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([off_m, k * BLOCK_K])
+        b = b_desc.load([off_n, k * BLOCK_K])
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    a_s = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_s = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
+    out = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
+    _epilogue(out, y_ptr, bias_ptr, offs_m, offs_n, M, N, stride_y, HAS_BIAS)
+
+
+USE_TMA = os.environ.get("QUANTDIT_TRITON_TMA", "1") != "0"  # escape hatch, and for benchmarks
+
+
+def _set_tma_blocks(nargs):
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _tma_configs():
+    return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
+            for c in _configs()]
+
+
+def _tma_ready(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+    # Device TMA: Hopper or newer, row pitches 16-byte aligned.
+    if not USE_TMA or interpreted() or not xq.is_cuda or torch.cuda.get_device_capability(xq.device) < (9, 0):
+        return False
+    return xq.stride(0) % 16 == 0 and wq.stride(0) % 16 == 0 and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0
+
+
+@functools.lru_cache(maxsize=1)
+def _tensor_descriptor():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        return TensorDescriptor
+    except ImportError:  # Triton < 3.4
+        return None
+
+
+_w8a8_tma_tuned = triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(_w8a8_tma_kernel)
 _w8a8_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(_w8a8_kernel)
 _block_tuned = triton.autotune(configs=_block_configs(), key=["M_BUCKET", "N", "K"])(_block_fp8_kernel)
 _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 4}
@@ -162,6 +215,14 @@ def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
     if b_s.numel() == 1:
         b_s = b_s.expand(n).contiguous()
     bias_arg = bias.contiguous() if bias is not None else y
+    desc = _tensor_descriptor()
+    if desc is not None and _tma_ready(xq, wq):
+        a_desc = desc(xq, [m, k], [xq.stride(0), 1], [128, 128])   # block shapes set per config
+        b_desc = desc(wq, [n, k], [wq.stride(0), 1], [128, 128])
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _w8a8_tma_tuned[grid](a_desc, b_desc, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m), y.stride(0),
+                              HAS_BIAS=bias is not None, IS_INT=is_int)
+        return y
     _launch(_w8a8_tuned, _w8a8_kernel, (m, n), xq, wq, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m),
             xq.stride(0), wq.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, IS_INT=is_int, EVEN_K=k % 128 == 0)

@@ -1,7 +1,8 @@
 """Dynamic activation quantization kernels: one scale per token (row), or per 1x128 group.
 
-Same math as quant/reference.py: scale = max(amax, 1e-12) / qmax, q = x / scale, int8 rounds
-half to even and both formats saturate. One program reads a row once when it fits in
+Same math as quant/reference.py, bit for bit: scale = max(amax, 1e-12) / qmax, q = x / scale with
+IEEE-rounded divisions (Triton's default `/` is approximate on GPUs), int8 rounds half to even and
+both formats saturate. One program reads a row once when it fits in
 registers (K <= 16384 covers every DiT width), otherwise in two passes."""
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def _round_to_e4m3_grid(y):
     # cast is exact. The hardware cast would round the same way; Triton's CPU interpreter does not.
     exp = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     ulp_exp = tl.maximum(exp, -6) - 3          # 3 mantissa bits; below 2**-6 the spacing is 2**-9
-    ulp = (((ulp_exp + 127) << 23)).to(tl.float32, bitcast=True)
-    return _round_half_even(y / ulp) * ulp
+    ulp = ((ulp_exp + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((127 - ulp_exp) << 23).to(tl.float32, bitcast=True)  # powers of two: exact products
+    return _round_half_even(y * inv_ulp) * ulp
 
 
 @triton.jit
@@ -51,19 +53,19 @@ def _per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
     if ONE_PASS:
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / QMAX
-        tl.store(q_row + offs, _to_q(x / scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), QMAX)
+        tl.store(q_row + offs, _to_q(tl.math.div_rn(x, scale), QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, K, BLOCK):
             mask = start + offs < K
             x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), QMAX)
         for start in range(0, K, BLOCK):
             mask = start + offs < K
             x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_row + start + offs, _to_q(x / scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_row + start + offs, _to_q(tl.math.div_rn(x, scale), QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
@@ -78,8 +80,8 @@ def _per_group_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, stride_q,
     col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = col < K
     x = tl.load(x_ptr + row * stride_x + col, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / QMAX
-    q = _to_q(x / scale[:, None], QMAX, False)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), QMAX)
+    q = _to_q(tl.math.div_rn(x, scale[:, None]), QMAX, False)
     tl.store(q_ptr + row * stride_q + col, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + g.to(tl.int64) * M + row, scale, mask=g * GROUP < K)
 

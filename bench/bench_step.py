@@ -1,0 +1,160 @@
+"""One sampling step of a full-size DiT (random weights) in the real ComfyUI runtime: bf16, ComfyUI's
+own `fp8_e4m3fn_fast` weight dtype, and this pack's schemes, side by side in one process.
+
+    python bench/bench_step.py --model wan14b     # Wan 2.1 14B architecture, 832x480x81 (32760 tokens)
+    python bench/bench_step.py --model flux       # Flux architecture, 1024x1024 (4096 + 512 tokens)
+    python bench/bench_step.py --model wan1.3b --variants fp8-w8a8:auto int8-w8a8:triton
+
+Variants are SCHEME:BACKEND (the Quantize Model node's two widgets). Prints the step time, the
+ratio to bf16 and to ComfyUI fp8_e4m3fn_fast, DiT block linear-weight memory vs bf16, and the cosine
+similarity of the denoiser output to bf16. Needs CUDA and ComfyUI (QUANTDIT_COMFYUI, default .comfyui).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFY = os.environ.get("QUANTDIT_COMFYUI", os.path.join(ROOT, ".comfyui"))
+sys.path.insert(0, COMFY)
+sys.path.insert(1, ROOT)
+
+import torch  # noqa: E402
+
+VARIANTS = ["fp8-w8a8:auto", "fp8-w8a8:triton", "int8-w8a8:auto", "int8-w8a8:triton", "fp8-block128:auto",
+            "int4-g128:auto", "fp8-weight-only:auto"]
+WAN = {"wan14b": dict(dim=5120, ffn_dim=13824, num_layers=40), "wan1.3b": dict(dim=1536, ffn_dim=8960, num_layers=30)}
+
+
+def boot():
+    import nodes
+    assert asyncio.run(nodes.load_custom_node(ROOT))
+    return nodes
+
+
+def wan_inputs(model, dev, a):
+    from scripts.tiny_models import wan21_dit
+    sd = wan21_dit(**WAN[model], text_dim=4096, seed=0, device=dev)
+    t = (a.frames - 1) // 4 + 1
+    x = torch.randn(1, 16, t, a.height // 8, a.width // 8, device=dev, dtype=torch.bfloat16)
+    context = torch.randn(1, 512, 4096, device=dev, dtype=torch.bfloat16)
+    tokens = t * (a.height // 16) * (a.width // 16)
+    title = f"Wan 2.1 {model[3:]} architecture, {a.width}x{a.height}x{a.frames} ({tokens} tokens)"
+    return sd, dict(x=x, c_crossattn=context), title
+
+
+def flux_inputs(dev, a):
+    """Flux-dev-sized DiT (hidden 3072, 19 double + 38 single blocks); shapes from ComfyUI's class."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+    with torch.device("meta"):
+        m = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                 axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False,
+                 txt_ids_dims=[], operations=comfy.ops.manual_cast, dtype=torch.bfloat16, device="meta")
+    g = torch.Generator(device=dev).manual_seed(0)
+    sd = {}
+    for k, v in m.state_dict().items():
+        if v.dim() == 2:
+            gain = 0.1 if (".lin." in k or "modulation" in k or "adaLN" in k) else 1.0
+            sd[k] = (torch.randn(v.shape, generator=g, device=dev) * (gain / v.shape[1] ** 0.5)).to(torch.bfloat16)
+        elif k.endswith("scale") or "norm" in k:
+            sd[k] = torch.ones(v.shape, device=dev, dtype=torch.bfloat16)
+        else:
+            sd[k] = (torch.randn(v.shape, generator=g, device=dev) * 0.02).to(torch.bfloat16)
+    x = torch.randn(1, 16, a.height // 8, a.width // 8, device=dev, dtype=torch.bfloat16)
+    context = torch.randn(1, 512, 4096, device=dev, dtype=torch.bfloat16)
+    pooled = torch.randn(1, 768, device=dev, dtype=torch.bfloat16)
+    tokens = (a.height // 16) * (a.width // 16)
+    return sd, dict(x=x, c_crossattn=context, y=pooled), f"Flux architecture, {a.width}x{a.height} ({tokens} + 512 tokens)"
+
+
+def step_time(model, inputs, reps):
+    """Median seconds of one denoiser call (what one sampling step costs), and its output."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([model], force_full_load=True)
+    base = model.model
+    sigma = torch.tensor([0.7], device=inputs["x"].device)
+    kwargs = {k: v for k, v in inputs.items() if k != "x"}
+    times = []
+    with torch.inference_mode():
+        for i in range(reps + 2):  # two warm-ups: Triton autotuning and cuBLAS heuristics
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = base.apply_model(inputs["x"], sigma, **kwargs)
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], out.float()
+
+
+def linear_bytes(model):
+    """Bytes of the transformer blocks' linear weights (+ scales), patched modules included."""
+    total = 0
+    for name, m in model.model.diffusion_model.named_modules():
+        m = model.object_patches.get(f"diffusion_model.{name}", m)
+        if "blocks." not in name or not hasattr(m, "weight") or m.weight is None or m.weight.dim() != 2:
+            continue
+        total += m.weight.numel() * m.weight.element_size()
+        for extra in ("weight_scale", "scale_weight"):
+            s = getattr(m, extra, None)
+            total += 0 if s is None else s.numel() * s.element_size()
+    return total
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=["wan14b", "wan1.3b", "flux"], default="wan14b")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--variants", nargs="*", default=VARIANTS)
+    a = p.parse_args()
+    flux = a.model == "flux"
+    a.height = a.height or (1024 if flux else 480)
+    a.width = a.width or (1024 if flux else 832)
+    nodes = boot()
+    import comfy.model_management as mm
+    import comfy.sd
+    dev = mm.get_torch_device()
+    sd, inputs, title = flux_inputs(dev, a) if flux else wan_inputs(a.model, dev, a)
+    print(f"{title}, {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    bf16 = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.bfloat16})
+    ref_t, ref_out = step_time(bf16, inputs, a.reps)
+    ref_bytes = linear_bytes(bf16)
+    rows = [("bf16", ref_t, ref_bytes, 1.0, "-")]
+    Quantize = nodes.NODE_CLASS_MAPPINGS["QuantDiTQuantizeModel"]
+    for variant in a.variants:
+        scheme, backend = variant.split(":")
+        q, report = Quantize.execute(model=bf16, scheme=scheme, backend=backend).result
+        qt, out = step_time(q, inputs, a.reps)
+        kernel = [ln.split("kernel: ")[1].rstrip(")") for ln in report.splitlines() if "kernel: " in ln]
+        rows.append((variant, qt, linear_bytes(q), _cos(out, ref_out), kernel[0] if kernel else "?"))
+        print(f"  {variant}: {qt * 1000:.1f} ms", flush=True)
+        del q, out
+    mm.unload_all_models()
+    del bf16
+    torch.cuda.empty_cache()
+    fast = comfy.sd.load_diffusion_model_state_dict(
+        sd, model_options={"dtype": torch.float8_e4m3fn, "fp8_optimizations": True})
+    del sd
+    ft, out = step_time(fast, inputs, a.reps)
+    rows.insert(1, ("comfy fp8_e4m3fn_fast", ft, linear_bytes(fast), _cos(out, ref_out), "ComfyUI"))
+    print(f"\n{'variant':24} {'step ms':>9} {'vs bf16':>8} {'vs comfy fp8 fast':>18} {'block linears GiB':>18} "
+          f"{'mem vs bf16':>12} {'cos vs bf16':>12}  kernel")
+    for name, tm, b, cs, kern in rows:
+        print(f"{name:24} {tm * 1000:9.1f} {ref_t / tm:7.2f}x {ft / tm:17.2f}x {b / 2**30:18.2f} "
+              f"{b / ref_bytes:11.2f}x {cs:12.5f}  {kern}")
+
+
+def _cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0))
+
+
+if __name__ == "__main__":
+    main()
