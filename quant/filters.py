@@ -22,8 +22,11 @@ class LayerFilter:
     blocks_only: bool = True          # only layers inside transformer blocks
     extra_skip: tuple[str, ...] = ()  # substrings the user wants kept in high precision
     # Layers fed by the text/image context (<= 512 rows per sample): with dynamic activation
-    # quantization the quantize launch dominates there and W8A8 loses to bf16 (DESIGN.md).
-    small_m_patterns: tuple[str, ...] = ("cross_attn.k", "cross_attn.v")
+    # quantization the quantize launch dominates there and W8A8 loses to bf16 (DESIGN.md; on an
+    # H200 Flux's 512-token text-stream linears ran at 0.2-0.66x of bf16 with every W8A8 backend).
+    # Wan cross-attention k/v; Flux / HunyuanVideo text streams; Qwen-Image's added text projections.
+    small_m_patterns: tuple[str, ...] = ("cross_attn.k", "cross_attn.v", "txt_attn", "txt_mlp", "add_q_proj",
+                                         "add_k_proj", "add_v_proj", "to_add_out")
 
     def skip_reason(self, name: str, shape: tuple[int, ...]) -> Optional[str]:
         """None if the layer should be quantized, else a short reason."""

@@ -2,7 +2,8 @@
 
 Every fast kernel in quant/backends is tested against these functions. Conventions:
 - weights are [out_features, in_features]; scales are float32;
-- symmetric quantization: q = round(x / scale), scale = amax / qmax;
+- symmetric quantization: q = round(x * (1 / scale)), scale = amax / qmax, both IEEE-rounded in
+  float32 on every device (kernels multiply by the reciprocal, and so does the reference);
 - an all-zero row or group gets a tiny positive scale (never 0, never NaN);
 - when in_features is not a multiple of a group size, the last group is shorter.
 """
@@ -38,7 +39,13 @@ def _cast(scaled: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 def _scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
-    return amax.float().clamp(min=_MIN_AMAX) / _qmax(fmt)
+    amax = amax.float().clamp(min=_MIN_AMAX)
+    # A tensor divisor: CUDA turns division by a Python scalar into a multiply by its reciprocal.
+    return amax / amax.new_tensor(_qmax(fmt))
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * scale.float().reciprocal()
 
 
 # ---------------------------------------------------------------- per-row / per-tensor
@@ -46,13 +53,13 @@ def quantize_rowwise(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Ten
     """One scale per row of a 2-D tensor (weight per output channel, activation per token)."""
     x = x.float()
     scale = _scale_from_amax(x.abs().amax(dim=-1, keepdim=True), fmt)
-    return _cast(x / scale, fmt), scale
+    return _cast(_scaled(x, scale), fmt), scale
 
 
 def quantize_per_tensor(x: torch.Tensor, fmt: str = FP8_E4M3) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.float()
     scale = _scale_from_amax(x.abs().amax(), fmt)
-    return _cast(x / scale, fmt), scale.reshape(())
+    return _cast(_scaled(x, scale), fmt), scale.reshape(())
 
 
 def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -70,7 +77,7 @@ def quantize_groupwise(x: torch.Tensor, fmt: str, group: int = GROUP) -> tuple[t
     rows, k = x.shape
     xp = _pad_last(x.float(), group).reshape(rows, -1, group)
     scale = _scale_from_amax(xp.abs().amax(dim=-1, keepdim=True), fmt)
-    q = _cast(xp / scale, fmt).reshape(rows, -1)[:, :k]
+    q = _cast(_scaled(xp, scale), fmt).reshape(rows, -1)[:, :k]
     return q, scale.squeeze(-1)
 
 
@@ -88,7 +95,7 @@ def quantize_block(w: torch.Tensor, block: int = GROUP) -> tuple[torch.Tensor, t
     nb, kb = wp.shape[0] // block, wp.shape[1] // block
     tiles = wp.reshape(nb, block, kb, block)
     scale = _scale_from_amax(tiles.abs().amax(dim=(1, 3)), FP8_E4M3)
-    q = _cast(tiles / scale[:, None, :, None], FP8_E4M3).reshape(nb * block, kb * block)
+    q = _cast(_scaled(tiles, scale[:, None, :, None]), FP8_E4M3).reshape(nb * block, kb * block)
     return q[:n, :k].contiguous(), scale
 
 
@@ -216,15 +223,15 @@ def requantize_with_scale(w: torch.Tensor, scale: torch.Tensor, scheme: Scheme) 
     g = scheme.weight_granularity
     w = w.float()
     if g in (PER_CHANNEL, PER_TENSOR):
-        return _cast(w / scale.float(), scheme.weight_format)
+        return _cast(_scaled(w, scale), scheme.weight_format)
     if g == BLOCK_128:
         n, k = w.shape
         expanded = scale.float().repeat_interleave(GROUP, 0).repeat_interleave(GROUP, 1)[:n, :k]
-        return _cast(w / expanded, FP8_E4M3)
+        return _cast(_scaled(w, expanded), FP8_E4M3)
     if g == GROUP_128 and scheme.weight_format == INT4:
         k = w.shape[1]
         expanded = scale.float().repeat_interleave(GROUP, dim=-1)[..., :k]
-        return pack_int4(_cast(w / expanded, INT4))
+        return pack_int4(_cast(_scaled(w, expanded), INT4))
     raise ValueError(f"scheme {scheme.name} has no weight quantizer")
 
 
@@ -241,7 +248,7 @@ def quantize_weight_streaming(w: torch.Tensor, scheme: Scheme, rows: int = 256) 
         for i in range(0, n, rows):
             amax = torch.maximum(amax, w[i:i + rows].abs().amax().float())
         scale = _scale_from_amax(amax, scheme.weight_format).reshape(())
-        q = torch.cat([_cast(w[i:i + rows].float() / scale, scheme.weight_format) for i in range(0, n, rows)])
+        q = torch.cat([_cast(_scaled(w[i:i + rows].float(), scale), scheme.weight_format) for i in range(0, n, rows)])
         return q, scale
     parts = [quantize_weight(w[i:i + rows].float(), scheme) for i in range(0, n, rows)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -72,10 +72,10 @@ def wan21_metadata(text_dim: int) -> dict[str, str]:
 
 
 def clip_l_text(seed=0, dtype=torch.float16, layers=12, width=768, vocab=49408, ctx=77) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+    g = _Random(seed, "cpu", torch.float32)
     p = "text_model."
-    sd = {p + "embeddings.token_embedding.weight": torch.randn(vocab, width, generator=g) * 0.02,
-          p + "embeddings.position_embedding.weight": torch.randn(ctx, width, generator=g) * 0.01}
+    sd = {p + "embeddings.token_embedding.weight": g.randn(vocab, width, scale=0.02),
+          p + "embeddings.position_embedding.weight": g.randn(ctx, width, scale=0.01)}
     for i in range(layers):
         b = f"{p}encoder.layers.{i}."
         for n in ("q_proj", "k_proj", "v_proj", "out_proj"):

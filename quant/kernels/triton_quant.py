@@ -1,8 +1,9 @@
 """Dynamic activation quantization kernels: one scale per token (row), or per 1x128 group.
 
-Same math as quant/reference.py, bit for bit: scale = max(amax, 1e-12) / qmax, q = x / scale with
-IEEE-rounded divisions (Triton's default `/` is approximate on GPUs), int8 rounds half to even and
-both formats saturate. One program reads a row once when it fits in
+Same math as quant/reference.py, bit for bit: scale = max(amax, 1e-12) / qmax and 1 / scale with
+IEEE-rounded divisions (Triton's default `/` is approximate on GPUs), q = x * (1 / scale); int8
+rounds half to even and both formats saturate. On the GPU the rounding is one hardware instruction
+(cvt.rni / the fp8 convert); Triton's CPU interpreter lacks both, so there it is spelled out. One program reads a row once when it fits in
 registers (K <= 16384 covers every DiT width), otherwise in two passes."""
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.language.extra import libdevice
+
 from .. import reference
+from . import interpreted
 
 _ONE_PASS_MAX = 16384
 _GROUP = reference.GROUP
@@ -36,16 +40,27 @@ def _round_to_e4m3_grid(y):
 
 
 @triton.jit
-def _to_q(y, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+def _to_q(y, QMAX: tl.constexpr, IS_INT: tl.constexpr, HW_ROUND: tl.constexpr):
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    if HW_ROUND:
+        if IS_INT:
+            return libdevice.rint(y)
+        return y                                 # the fp8 convert rounds to nearest even itself
     if IS_INT:
         return _round_half_even(y)
     return _round_to_e4m3_grid(y)
 
 
 @triton.jit
+def _reciprocal_scale(amax, QMAX: tl.constexpr):
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), QMAX)
+    return scale, tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
 def _per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-                      QMAX: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+                      QMAX: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                      HW_ROUND: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
@@ -53,25 +68,27 @@ def _per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
     if ONE_PASS:
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), QMAX)
-        tl.store(q_row + offs, _to_q(tl.math.div_rn(x, scale), QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
+        scale, inv = _reciprocal_scale(tl.max(tl.abs(x), axis=0), QMAX)
+        tl.store(q_row + offs, _to_q(x * inv, QMAX, IS_INT, HW_ROUND).to(q_ptr.dtype.element_ty), mask=mask)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, K, BLOCK):
             mask = start + offs < K
             x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), QMAX)
+        scale, inv = _reciprocal_scale(tl.max(amax, axis=0), QMAX)
         for start in range(0, K, BLOCK):
             mask = start + offs < K
             x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_row + start + offs, _to_q(tl.math.div_rn(x, scale), QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
+            q = _to_q(x * inv, QMAX, IS_INT, HW_ROUND)
+            tl.store(q_row + start + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
 @triton.jit
 def _per_group_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, stride_q,
-                      QMAX: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr):
+                      QMAX: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
+                      HW_ROUND: tl.constexpr):
     # Scales are written K-group-major ([K/128, M] memory, returned as an [M, K/128] view): the
     # block GEMM then reads the scales of BLOCK_M consecutive tokens in one coalesced load.
     row = tl.program_id(0).to(tl.int64)
@@ -80,8 +97,8 @@ def _per_group_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, stride_q,
     col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = col < K
     x = tl.load(x_ptr + row * stride_x + col, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), QMAX)
-    q = _to_q(tl.math.div_rn(x, scale[:, None]), QMAX, False)
+    scale, inv = _reciprocal_scale(tl.max(tl.abs(x), axis=1), QMAX)
+    q = _to_q(x * inv[:, None], QMAX, False, HW_ROUND)
     tl.store(q_ptr + row * stride_q + col, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + g.to(tl.int64) * M + row, scale, mask=g * GROUP < K)
 
@@ -106,7 +123,7 @@ def per_token_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     block = triton.next_power_of_2(k) if one_pass else 4096
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     _per_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=qmax, IS_INT=is_int, BLOCK=block,
-                            ONE_PASS=one_pass, num_warps=warps)
+                            ONE_PASS=one_pass, HW_ROUND=not interpreted(), num_warps=warps)
     return q, s
 
 
@@ -121,5 +138,6 @@ def per_group_fp8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         per_prog = min(8, triton.next_power_of_2(groups))
         _per_group_kernel[(m, triton.cdiv(groups, per_prog))](x, q, s_t, m, k, x.stride(0), q.stride(0),
                                                                QMAX=reference.FP8_MAX, GROUP=_GROUP,
-                                                               GROUPS_PER_PROG=per_prog, num_warps=4)
+                                                               GROUPS_PER_PROG=per_prog, HW_ROUND=not interpreted(),
+                                                               num_warps=4)
     return q, s_t.t()

@@ -125,3 +125,13 @@ def test_block_word_must_be_a_whole_path_segment():
         assert DEFAULT_FILTER.skip_reason(name, SQUARE) is not None, name
     for name in ("transformer.blocks.0.ffn.0", "model.layers.3.mlp.fc1"):
         assert DEFAULT_FILTER.skip_reason(name, SQUARE) is None, name
+
+
+@pytest.mark.parametrize("name,small", [
+    ("double_blocks.3.txt_attn.qkv", True), ("double_blocks.3.txt_mlp.0", True),
+    ("double_blocks.3.img_attn.qkv", False), ("double_blocks.3.img_mlp.2", False),
+    ("single_blocks.5.linear1", False), ("blocks.2.cross_attn.k", True), ("blocks.2.cross_attn.q", False),
+    ("transformer_blocks.1.attn.add_k_proj", True), ("transformer_blocks.1.attn.to_q", False),
+])
+def test_text_stream_layers_count_as_small_m(name, small):
+    assert DEFAULT_FILTER.is_small_m(name) is small

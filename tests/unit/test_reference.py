@@ -96,7 +96,7 @@ def fake_quant_rows(t, fmt):
     """Symmetric per-row quantize + dequantize, written independently of quant/reference.py."""
     t = t.float()
     s = t.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / QMAX[fmt]
-    v = t / s
+    v = t * s.reciprocal()  # the documented convention: multiply by the IEEE reciprocal
     if fmt == FP8_E4M3:
         q = v.clamp(-448, 448).to(torch.float8_e4m3fn).float()
     elif fmt == FP8_E5M2:
