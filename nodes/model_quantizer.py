@@ -17,7 +17,7 @@ import comfy.utils
 from ..quant.filters import LayerFilter
 from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, layer_group
-from ..quant.schemes import ResolvedScheme
+from ..quant.schemes import ResolvedScheme, weight_only_partner
 from .ops import QuantizedLinear, QuantLinearMixin
 
 ROOT = "diffusion_model"
@@ -59,21 +59,21 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
                 skipped["already quantized by ComfyUI"] += 1
             continue
         reason = layer_filter.skip_reason(name, tuple(module.weight.shape))
-        if reason is None and scheme.quantizes_activation and layer_filter.is_small_m(name):
-            reason = "runs on few rows (text/image context): W8A8 is slower than bf16 there"
         if reason:
             skipped[reason] += 1
             continue
-        candidates.append((name, module))
+        # Few rows (text/image context): W8A8 is slower than bf16 there; weight-only keeps the memory win.
+        few_rows = scheme.quantizes_activation and layer_filter.is_small_m(name)
+        candidates.append((name, module, weight_only_partner(scheme) if few_rows else scheme))
 
     work = comfy.model_management.get_torch_device()
     pbar = comfy.utils.ProgressBar(max(len(candidates), 1))
-    for name, module in candidates:
-        q = QuantizedLinear.from_linear(module, scheme, pref, work)
+    for name, module, layer_scheme in candidates:
+        q = QuantizedLinear.from_linear(module, layer_scheme, pref if layer_scheme is scheme else None, work)
         out.add_object_patch(f"{ROOT}.{name}", q)
-        report.schemes[scheme.name] = report.schemes.get(scheme.name, 0) + 1
-        report.groups[layer_group(name)] = scheme.name
-        report.quantized_bytes += weight_nbytes(module.out_features, module.in_features, scheme)
+        report.schemes[layer_scheme.name] = report.schemes.get(layer_scheme.name, 0) + 1
+        report.groups[layer_group(name)] = layer_scheme.name
+        report.quantized_bytes += weight_nbytes(module.out_features, module.in_features, layer_scheme)
         report.bf16_equivalent_bytes += module.out_features * module.in_features * 2
         pbar.update(1)
     for reason, n in sorted(skipped.items()):

@@ -25,9 +25,10 @@ def _filter_inputs():
                                 "e.g. 'blocks.0.,ffn.2'. Norms, embeddings, modulation and the head "
                                 "are always kept."),
         io.Boolean.Input("keep_small_m_layers", default=True, advanced=True,
-                         tooltip="Keep layers that only see the text/image context (cross-attention "
-                                 "k/v) in high precision for W8A8 schemes: with so few rows, dynamic "
-                                 "activation quantization makes them slower than bf16."),
+                         tooltip="Under W8A8 schemes, run the layers that only see the text/image "
+                                 "context (cross-attention k/v, text streams) as 8-bit weight-only: with "
+                                 "so few rows, activation quantization makes them slower than bf16, while "
+                                 "weight-only still halves their memory. Off: W8A8 for them too."),
     ]
 
 

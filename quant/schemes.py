@@ -207,3 +207,12 @@ def all_names() -> list[str]:
 def _unknown_message(name: str) -> str:
     return (f"unknown quantization scheme {name!r}. Valid schemes: {', '.join(_SCHEMES)}. "
             f"Also accepted: {', '.join(n for n in all_names() if n not in _SCHEMES)}.")
+
+
+def weight_only_partner(scheme: Scheme) -> Scheme:
+    """The 8-bit weight-only scheme with the same weight format: what a W8A8 scheme uses on layers
+    that see few rows (context k/v, text streams), where activation quantization costs more than
+    it saves but the weight memory should still shrink."""
+    if not scheme.quantizes_activation:
+        return scheme
+    return get_scheme("int8-weight-only" if scheme.weight_format == INT8 else "fp8-weight-only")

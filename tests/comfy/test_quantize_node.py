@@ -40,7 +40,7 @@ def archs(comfy, models_dir):
         # Wan: 2 blocks x 10 linears, of which cross_attn.k/v (4) see only the text context.
         "wan": Arch("wan", "q_wan_bf16.safetensors", wan_fixtures.conditioning, wan_fixtures.latent, 20, 4),
         # Flux: 1 double block (img/txt qkv, proj, mlp.0, mlp.2 = 8) + 2 single blocks (linear1/2 = 4);
-        # the 4 text-stream linears run on few rows and stay bf16 under W8A8.
+        # the 4 text-stream linears run on few rows: 8-bit weight-only under W8A8.
         "flux": Arch("flux", "q_flux_bf16.safetensors", flux_fixtures.conditioning, flux_fixtures.latent, 12, 4),
     }
 
@@ -82,6 +82,9 @@ def test_every_scheme_through_ksampler(comfy, archs, baselines, arch_name, schem
     qmodel, report = quantize(comfy, model, scheme)
     expected = arch.n_block_linears - (arch.n_context_kv if scheme in ("fp8-w8a8", "int8-w8a8", "fp8-block128") else 0)
     assert f"{scheme}: {expected} layers" in report, report
+    if expected < arch.n_block_linears:  # the few-row layers run weight-only with the same weight format
+        partner = "int8-weight-only" if scheme == "int8-w8a8" else "fp8-weight-only"
+        assert f"{partner}: {arch.n_context_kv} layers" in report, report
     err = rel_err(sample(comfy, arch, qmodel), baselines[arch_name])
     assert 0 < err < TOLERANCE[scheme], f"{arch_name}/{scheme}: relative error {err:.4f}"
     # The input MODEL still produces exactly its old output.
@@ -107,7 +110,9 @@ def test_patched_layers_hold_fp8_or_int8_data(comfy, archs):
     model = load_bf16(comfy, archs["wan"])
     qmodel, _ = quantize(comfy, model, "int8-w8a8")
     patched = [v for k, v in qmodel.object_patches.items() if getattr(v, "quant_scheme", None)]
-    assert len(patched) == 16 and all(p.weight.dtype == torch.int8 for p in patched)
+    assert len(patched) == 20 and all(p.weight.dtype == torch.int8 for p in patched)
+    kinds = sorted(p.quant_scheme.name for p in patched)
+    assert kinds.count("int8-w8a8") == 16 and kinds.count("int8-weight-only") == 4  # context k/v
     # The source layers are untouched bf16.
     src = model.model.diffusion_model.blocks[0].ffn[0]
     assert src.weight.dtype != torch.int8 and getattr(src, "quant_scheme", None) is None
@@ -119,7 +124,8 @@ def test_requantizing_is_detected_and_reported(comfy, archs, baselines):
     twice, report = quantize(comfy, once, "fp8-w8a8")
     assert "already quantized (int8-w8a8)" in report
     assert "kept 16 layers: already quantized (int8-w8a8)" in report
-    # Only the context k/v were left, and W8A8 keeps those in bf16: nothing new is quantized.
+    assert "kept 4 layers: already quantized (int8-weight-only)" in report
+    # Every block linear was quantized the first time: nothing new is quantized.
     assert "nothing new to quantize" in report and "fp8-w8a8:" not in report
     assert torch.equal(sample(comfy, archs["wan"], twice), sample(comfy, archs["wan"], once))
 

@@ -277,3 +277,12 @@ def test_alias_to_unknown_scheme_raises():
 def test_scheme_rejects_unknown_formats(wfmt, afmt):
     with pytest.raises(ValueError, match="unknown"):
         Scheme("bad", wfmt, S.PER_CHANNEL, afmt, S.NONE, None, 8, "bad")
+
+
+def test_weight_only_partner_keeps_the_weight_format():
+    from quant.schemes import weight_only_partner
+    assert weight_only_partner(get_scheme("int8-w8a8")).name == "int8-weight-only"
+    assert weight_only_partner(get_scheme("fp8-w8a8")).name == "fp8-weight-only"
+    assert weight_only_partner(get_scheme("fp8-block128")).name == "fp8-weight-only"
+    for name in ("int4-g128", "fp8-weight-only", "fp8-scaled"):
+        assert weight_only_partner(get_scheme(name)) is get_scheme(name)
