@@ -34,7 +34,7 @@ SHAPES = {
              ("single linear1", 4608, 3072, 21504), ("single linear2", 4608, 15360, 3072)],
 }
 SCHEMES = ["fp8-w8a8", "int8-w8a8", "fp8-block128", "int4-g128"]
-BACKENDS = ["vllm", "sgl-kernel", "deep-gemm", "triton", "comfy-kitchen", "torchao", "torch"]
+BACKENDS = [b for b in sorted(list_backends(), key=lambda b: -get_backend(b).priority) if b != "reference"]
 
 
 def bench_ms(fn, reps=20):
@@ -119,7 +119,6 @@ def main():
                     rows.append(row)
                     print(f"  {scheme_name:13} {backend:16}{'*' if row['auto'] else ' '} {t:8.3f} ms "
                           f"{row['speedup']:5.2f}x  {row['tflops']:6.0f} TFLOP/s  cos {row['cos']:.5f}")
-                del qdata, scale
     print("\n* = the backend 'auto' picks. Speed-up = bf16 ms / quantized ms, activation quant included.")
     if a.out:
         with open(a.out, "w") as f:

@@ -20,7 +20,7 @@ from .errors import CheckpointError
 from .filters import DEFAULT_FILTER, LayerFilter
 from .formats.safetensors_file import SafetensorsFile
 from .formats.writer import PlannedTensor, write_safetensors
-from .schemes import BLOCK_128, FP8_E4M3, GROUP_128, INT8, PER_CHANNEL, PER_TENSOR, Scheme, resolve
+from .schemes import BLOCK_128, FP8_E4M3, INT8, PER_CHANNEL, PER_TENSOR, Scheme, resolve
 
 LIGHTX2V = "lightx2v"
 COMFY_SCALED = "comfyui-scaled-fp8"

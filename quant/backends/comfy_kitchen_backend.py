@@ -6,15 +6,14 @@ import torch
 
 from ..schemes import Scheme
 from .optional_import import try_import
-from .registry import Backend, cuda_capability, register_backend
+from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
 
 def _availability():
     ck, why = try_import("comfy_kitchen")
+    why = why or cuda_missing()
     if why:
         return why
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
     status = ck.list_backends().get("cuda", {})
     if not status.get("available"):
         return f"comfy-kitchen's CUDA backend is unavailable ({status.get('unavailable_reason') or 'no reason given'})"
@@ -24,12 +23,7 @@ def _availability():
 def _supports(scheme: Scheme, device: torch.device):
     if scheme.name != "int8-w8a8":
         return f"no comfy-kitchen kernel for {scheme.name} with per-channel scales"
-    cap = cuda_capability(device)
-    if cap is None:
-        return f"runs on CUDA devices only (got {device})"
-    if cap < (7, 5):
-        return f"int8 tensor cores need compute capability 7.5+, this GPU is {cap[0]}.{cap[1]}"
-    return None
+    return capability_reason(scheme, device, cuda_capability(device), (7, 5), "comfy-kitchen")
 
 
 def _linear(x2d, qdata, scale, bias, scheme, in_features):

@@ -27,9 +27,8 @@ def _availability():
     if why:
         return why
     from .triton_backend import TRITON
-    if TRITON.availability():
-        return f"the activation group quant needs Triton: {TRITON.availability()}"
-    return None
+    triton_why = TRITON.availability()
+    return f"the activation group quant needs Triton: {triton_why}" if triton_why else None
 
 
 def _supports(scheme: Scheme, device: torch.device):

@@ -108,6 +108,23 @@ def pick_backend(scheme: Scheme, device: torch.device, preferred: Optional[str] 
     raise NoCapableBackendError(scheme, device, reasons)
 
 
+def cuda_missing() -> Optional[str]:
+    return None if torch.cuda.is_available() else "CUDA is not available"
+
+
+def capability_reason(scheme: Scheme, device: torch.device, cap: Optional[tuple[int, int]],
+                      need: Optional[tuple[int, int]], provider: str) -> Optional[str]:
+    """The common `supports` answer: None when a kernel needing compute capability `need` runs on a
+    GPU of capability `cap` (None: not a CUDA device); need=None means the provider has no kernel."""
+    if need is None:
+        return f"no {provider} kernel for {scheme.name}"
+    if cap is None:
+        return f"runs on CUDA devices only (got {device})"
+    if cap < need:
+        return f"{scheme.name} needs compute capability {need[0]}.{need[1]}+, this GPU is {cap[0]}.{cap[1]}"
+    return None
+
+
 def cuda_capability(device: torch.device) -> Optional[tuple[int, int]]:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None

@@ -8,28 +8,17 @@ import torch
 from .. import reference
 from ..schemes import Scheme
 from .optional_import import try_import
-from .registry import Backend, cuda_capability, register_backend
+from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
 _MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9)}
 
 
 def _availability():
-    _, why = try_import("sgl_kernel")
-    if why:
-        return why
-    return None if torch.cuda.is_available() else "CUDA is not available"
+    return try_import("sgl_kernel")[1] or cuda_missing()
 
 
 def _supports(scheme: Scheme, device: torch.device):
-    need = _MIN_CAPABILITY.get(scheme.name)
-    if need is None:
-        return f"no sgl-kernel kernel for {scheme.name}"
-    cap = cuda_capability(device)
-    if cap is None:
-        return f"runs on CUDA devices only (got {device})"
-    if cap < need:
-        return f"{scheme.name} needs compute capability {need[0]}.{need[1]}+, this GPU is {cap[0]}.{cap[1]}"
-    return None
+    return capability_reason(scheme, device, cuda_capability(device), _MIN_CAPABILITY.get(scheme.name), "sgl-kernel")
 
 
 def _quant(x2d, scheme):

@@ -6,29 +6,15 @@ import torch
 
 from .. import reference
 from ..schemes import Scheme, get_scheme
-from .registry import Backend, cuda_capability, register_backend
+from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
 _FP8 = get_scheme("fp8-w8a8")
 _WEIGHT_ONLY = {"fp8-weight-only", "int8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only", "fp8-e5m2-scaled"}
 
 
-def _availability():
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    return None
-
-
 def _supports(scheme: Scheme, device: torch.device):
-    cap = cuda_capability(device)
-    if cap is None:
-        return f"runs on CUDA devices only (got {device})"
-    if scheme.name == "fp8-w8a8":
-        if cap < (8, 9):
-            return f"fp8 tensor cores need compute capability 8.9+, this GPU is {cap[0]}.{cap[1]}"
-        return None
-    if scheme.name in _WEIGHT_ONLY:
-        return None
-    return f"no torch-native kernel for {scheme.name}"
+    need = (8, 9) if scheme.name == "fp8-w8a8" else (0, 0) if scheme.name in _WEIGHT_ONLY else None
+    return capability_reason(scheme, device, cuda_capability(device), need, "torch-native")
 
 
 def per_token_fp8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +46,6 @@ def _fp8_rowwise(x2d, qdata, scale, bias):
 
 
 TORCH_NATIVE = register_backend(Backend(
-    name="torch", priority=10, availability=_availability, supports=_supports, linear=_linear,
+    name="torch", priority=10, availability=cuda_missing, supports=_supports, linear=_linear,
     install_hint="It needs a CUDA build of PyTorch and an NVIDIA GPU.",
 ))

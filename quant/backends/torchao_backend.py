@@ -7,7 +7,7 @@ import torch
 
 from ..schemes import Scheme
 from .optional_import import try_import
-from .registry import Backend, cuda_capability, register_backend
+from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
 
 def _primitives():
@@ -21,23 +21,14 @@ def _primitives():
 
 
 def _availability():
-    _, why = _primitives()
-    if why:
-        return why
-    return None if torch.cuda.is_available() else "CUDA is not available"
+    return _primitives()[1] or cuda_missing()
 
 
 def _supports(scheme: Scheme, device: torch.device):
     if scheme.name == "int8-w8a8":
         return "torchao's int8 dynamic-activation kernel is slower than bf16 (0.14x measured); use triton or vllm"
-    if scheme.name != "fp8-w8a8":
-        return f"no torchao kernel for {scheme.name}"
-    cap = cuda_capability(device)
-    if cap is None:
-        return f"runs on CUDA devices only (got {device})"
-    if cap < (8, 9):
-        return f"fp8 tensor cores need compute capability 8.9+, this GPU is {cap[0]}.{cap[1]}"
-    return None
+    need = (8, 9) if scheme.name == "fp8-w8a8" else None
+    return capability_reason(scheme, device, cuda_capability(device), need, "torchao")
 
 
 def _linear(x2d, qdata, scale, bias, scheme, in_features):

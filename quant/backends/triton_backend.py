@@ -14,7 +14,7 @@ import torch
 
 from ..kernels import interpreted, triton_missing
 from ..schemes import Scheme
-from .registry import Backend, cuda_capability, register_backend
+from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
 # scheme -> minimum compute capability of the kernel used for it
 _MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9), "fp8-block128": (8, 9), "int4-g128": (8, 0)}
@@ -27,24 +27,11 @@ def _kernels():
 
 
 def _availability():
-    missing = triton_missing()
-    if missing:
-        return missing
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    return None
+    return triton_missing() or cuda_missing()
 
 
 def _supports(scheme: Scheme, device: torch.device):
-    need = _MIN_CAPABILITY.get(scheme.name)
-    if need is None:
-        return f"no Triton kernel for {scheme.name}"
-    cap = cuda_capability(device)
-    if cap is None:
-        return f"runs on CUDA devices only (got {device})"
-    if cap < need:
-        return f"{scheme.name} needs compute capability {need[0]}.{need[1]}+, this GPU is {cap[0]}.{cap[1]}"
-    return None
+    return capability_reason(scheme, device, cuda_capability(device), _MIN_CAPABILITY.get(scheme.name), "Triton")
 
 
 def _scaled_mm_ok(xq: torch.Tensor, n: int) -> bool:

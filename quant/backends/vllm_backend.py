@@ -16,7 +16,7 @@ import torch
 
 from .. import reference
 from ..schemes import Scheme
-from .registry import Backend, cuda_capability, register_backend
+from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
 _LIB_NAMES = ("_C_stable_libtorch.abi3.so", "_C.abi3.so")
 _OPS = ("cutlass_scaled_mm", "dynamic_scaled_int8_quant", "dynamic_per_token_scaled_fp8_quant",
@@ -50,7 +50,7 @@ def _has_ops() -> bool:
 def _load() -> Optional[str]:
     """None once the ops are registered, else why they cannot be."""
     if not torch.cuda.is_available():
-        return "CUDA is not available"
+        return cuda_missing()
     if _has_ops():  # vllm was imported by something else in this process
         return None
     path = _library_path()
@@ -68,14 +68,10 @@ def _load() -> Optional[str]:
 
 
 def _supports(scheme: Scheme, device: torch.device):
-    need = _MIN_CAPABILITY.get(scheme.name)
-    if need is None:
-        return f"no vLLM kernel for {scheme.name}"
     cap = cuda_capability(device)
-    if cap is None:
-        return f"runs on CUDA devices only (got {device})"
-    if cap < need:
-        return f"{scheme.name} needs compute capability {need[0]}.{need[1]}+, this GPU is {cap[0]}.{cap[1]}"
+    why = capability_reason(scheme, device, cap, _MIN_CAPABILITY.get(scheme.name), "vLLM")
+    if why:
+        return why
     if scheme.name == "fp8-block128" and not torch.ops._C.cutlass_scaled_mm_supports_block_fp8(cap[0] * 10 + cap[1]):
         return "this vLLM build has no block-fp8 CUTLASS kernel for this GPU"
     return None

@@ -11,7 +11,7 @@ def triton_missing() -> Optional[str]:
     """None when Triton imports, else why not (the import error text)."""
     try:
         import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        import triton.language  # noqa: F401  (a broken install fails here, not at kernel time)
     except Exception as e:  # ImportError, or a broken install raising anything else
         return f"triton is not importable ({type(e).__name__}: {e})"
     return None

@@ -60,28 +60,38 @@ def _epilogue(acc, y_ptr, bias_ptr, offs_m, offs_n, M, N, stride_y, HAS_BIAS: tl
 
 
 @triton.jit
+def _tile_rows_cols(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows/columns wrap around instead of being masked: their results are never stored.
+    return offs_m, offs_n, (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64)
+
+
+@triton.jit
+def _load_k_step(a_ptrs, b_ptrs, offs_k, k, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < left, other=0.0)
+    return a, b
+
+
+@triton.jit
 def _w8a8_kernel(a_ptr, b_ptr, y_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET,
                  stride_a, stride_b, stride_y,
                  HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rows, cols = _tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    # Out-of-range rows/columns wrap around instead of being masked: their results are never stored.
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]
     b_ptrs = b_ptr + cols[None, :] * stride_b + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < left, other=0.0)
+        a, b = _load_k_step(a_ptrs, b_ptrs, offs_k, k, K, BLOCK_K, EVEN_K)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -96,25 +106,15 @@ def _block_fp8_kernel(a_ptr, b_ptr, y_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M_
                       stride_a, stride_b, stride_y, stride_as_k, stride_bs_n,
                       HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rows, cols = _tile_rows_cols(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]
     b_ptrs = b_ptr + cols[None, :] * stride_b + offs_k[:, None]
     as_ptrs = as_ptr + rows                      # scale[k_group, token], K-group-major
     bs_ptrs = bs_ptr + (cols // 128) * stride_bs_n  # scale[n_block, k_block]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < left, other=0.0)
+        a, b = _load_k_step(a_ptrs, b_ptrs, offs_k, k, K, BLOCK_K, EVEN_K)
         a_s = tl.load(as_ptrs + k * stride_as_k)
         b_s = tl.load(bs_ptrs + k)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
@@ -191,13 +191,15 @@ def _check(xq, wq):
         raise ValueError("GEMM operands must be row-major with contiguous rows")
 
 
-def _launch(tuned, plain, grid_mn, *args, **meta):
+def _grid(m: int, n: int):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def _launch(tuned, plain, m, n, *args, **meta):
     if interpreted():
-        plain[lambda m: (triton.cdiv(grid_mn[0], m["BLOCK_M"]) * triton.cdiv(grid_mn[1], m["BLOCK_N"]),)](
-            *args, **meta, **_INTERPRETER_TILE)
+        plain[_grid(m, n)](*args, **meta, **_INTERPRETER_TILE)
     else:
-        tuned[lambda m: (triton.cdiv(grid_mn[0], m["BLOCK_M"]) * triton.cdiv(grid_mn[1], m["BLOCK_N"]),)](
-            *args, **meta)
+        tuned[_grid(m, n)](*args, **meta)
 
 
 def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -219,11 +221,10 @@ def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
     if desc is not None and _tma_ready(xq, wq):
         a_desc = desc(xq, [m, k], [xq.stride(0), 1], [128, 128])   # block shapes set per config
         b_desc = desc(wq, [n, k], [wq.stride(0), 1], [128, 128])
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _w8a8_tma_tuned[grid](a_desc, b_desc, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m), y.stride(0),
+        _w8a8_tma_tuned[_grid(m, n)](a_desc, b_desc, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m), y.stride(0),
                               HAS_BIAS=bias is not None, IS_INT=is_int)
         return y
-    _launch(_w8a8_tuned, _w8a8_kernel, (m, n), xq, wq, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m),
+    _launch(_w8a8_tuned, _w8a8_kernel, m, n, xq, wq, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m),
             xq.stride(0), wq.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, IS_INT=is_int, EVEN_K=k % 128 == 0)
     return y
@@ -244,7 +245,7 @@ def block_fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_
     x_scale = x_scale.float()
     w_scale = w_scale.float().contiguous()
     bias_arg = bias.contiguous() if bias is not None else y
-    _launch(_block_tuned, _block_fp8_kernel, (m, n), xq, wq, y, x_scale, w_scale, bias_arg, m, n, k, _m_bucket(m),
+    _launch(_block_tuned, _block_fp8_kernel, m, n, xq, wq, y, x_scale, w_scale, bias_arg, m, n, k, _m_bucket(m),
             xq.stride(0), wq.stride(0), y.stride(0), x_scale.stride(1), w_scale.stride(0),
             HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
     return y

@@ -17,6 +17,9 @@ DEV = torch.device("cuda")
 W8A8 = ["fp8-w8a8", "int8-w8a8", "fp8-block128"]
 ALL = W8A8 + ["int4-g128"]
 SHAPES = [(512, 5120, 5120), (4096, 3072, 12288), (77, 1536, 8960), (333, 384, 256)]
+# backend -> schemes it must run when it is expected here
+_CLAIMED = {"triton": ALL, "vllm": W8A8, "comfy-kitchen": ["int8-w8a8"], "torchao": ["fp8-w8a8"],
+            "torch": ["fp8-w8a8"]}
 EXPECTED = [b for b in os.environ.get("QUANTDIT_EXPECT_BACKENDS", "triton").split(",") if b]
 
 
@@ -90,9 +93,6 @@ def test_backend_matches_reference(backend, scheme_name, m, k, n):
     # The quality target: per-layer cosine to the unquantized output.
     assert cos(y, exact) > (0.999 if scheme_name in W8A8 else 0.99), cos(y, exact)
 
-
-_CLAIMED = {"triton": ALL, "vllm": W8A8, "comfy-kitchen": ["int8-w8a8"], "torchao": ["fp8-w8a8"],
-            "torch": ["fp8-w8a8"]}
 
 
 def test_auto_choice_on_this_gpu():
