@@ -1,7 +1,10 @@
 """ComfyUI glue: node classes and the custom operations they install. Imports comfy."""
 from __future__ import annotations
 
+from .encoder_nodes import (QuantDiTCLIPVisionLoader, QuantDiTQuantizeCLIPVision, QuantDiTQuantizeTextEncoder,
+                            QuantDiTT5Loader)
 from .loader_nodes import QuantDiTLoader
 from .quantize_nodes import QuantDiTLayerwiseFP8Cast, QuantDiTQuantizeModel
 
-NODES = [QuantDiTLoader, QuantDiTQuantizeModel, QuantDiTLayerwiseFP8Cast]
+NODES = [QuantDiTLoader, QuantDiTQuantizeModel, QuantDiTLayerwiseFP8Cast, QuantDiTT5Loader, QuantDiTCLIPVisionLoader,
+         QuantDiTQuantizeTextEncoder, QuantDiTQuantizeCLIPVision]

@@ -34,12 +34,14 @@ def _release_patched_weights(model):
             patcher.unpatch_model(patcher.offload_device)
 
 
-def _current_module(model, name: str, module: torch.nn.Module) -> torch.nn.Module:
-    return model.object_patches.get(f"{ROOT}.{name}", module)
+def _patch_key(root: str, name: str) -> str:
+    return f"{root}.{name}" if root else name
 
 
 def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: LayerFilter,
-                   title: str):
+                   title: str, root: str = ROOT):
+    """`model` is a ModelPatcher; `root` names the module inside it whose Linears are quantized
+    ("" for the whole patched model, as for text encoders)."""
     scheme = resolved.scheme
     # 'auto' keeps the alias's kernel (e.g. 'vllm' from int8-vllm); it falls back visibly when missing.
     pref = resolved.backend if backend == "auto" else backend
@@ -47,10 +49,10 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
     _release_patched_weights(model)
     report = QuantReport(source=title, layout=f"runtime {scheme.name}")
     skipped: Counter[str] = Counter()
-    diffusion = model.get_model_object(ROOT)
+    top = model.get_model_object(root) if root else model.model
     candidates = []
-    for name, module in diffusion.named_modules():
-        module = _current_module(model, name, module)
+    for name, module in top.named_modules():
+        module = model.object_patches.get(_patch_key(root, name), module)
         if isinstance(module, QuantLinearMixin) and module.quant_scheme is not None:
             skipped[f"already quantized ({module.quant_scheme.name})"] += 1
             continue
@@ -70,7 +72,7 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
     pbar = comfy.utils.ProgressBar(max(len(candidates), 1))
     for name, module, layer_scheme in candidates:
         q = QuantizedLinear.from_linear(module, layer_scheme, pref if layer_scheme is scheme else None, work)
-        out.add_object_patch(f"{ROOT}.{name}", q)
+        out.add_object_patch(_patch_key(root, name), q)
         report.schemes[layer_scheme.name] = report.schemes.get(layer_scheme.name, 0) + 1
         report.groups[layer_group(name)] = layer_scheme.name
         report.quantized_bytes += weight_nbytes(module.out_features, module.in_features, layer_scheme)

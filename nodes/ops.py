@@ -48,8 +48,13 @@ class QuantLinearMixin:
         if len(self.weight_function) or len(self.bias_function):
             return self._patched_forward(x, qdata, scale, bias)
         k = self.in_features
-        y = quantized_linear(x.reshape(-1, k), qdata, scale, bias, self.quant_scheme.name, k, self._kernel(dev).name)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        xc = x
+        if x.dtype == torch.float32 and x.is_cuda and self.quant_scheme.quantizes_activation:
+            # Text encoders run fp32 activations; the 8-bit GEMMs take and give bf16/fp16. The
+            # bf16 rounding (2^-9) is far below the 8-bit activation quantization step.
+            xc = x.to(torch.bfloat16)
+        y = quantized_linear(xc.reshape(-1, k), qdata, scale, bias, self.quant_scheme.name, k, self._kernel(dev).name)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
     def _patched_forward(self, x, qdata, scale, bias):
         # lowvram LoRA path: ComfyUI hands us functions of the float weight.
@@ -135,6 +140,19 @@ class QuantizedLinear(QuantLinearMixin, comfy.ops.manual_cast.Linear):
     """A quantized replacement for a loaded Linear (what the Quantize / FP8 Cast nodes patch in)."""
 
     @classmethod
+    def from_quantized(cls, qdata: torch.Tensor, scale: torch.Tensor, scheme: Scheme, shape: tuple[int, int],
+                       bias: torch.Tensor | None, backend: str | None) -> "QuantizedLinear":
+        """A layer around already quantized data; `shape` is the float weight's [out, in]."""
+        m = cls.__new__(cls)
+        torch.nn.Module.__init__(m)
+        m.out_features, m.in_features = shape
+        m.quant_setup(scheme, qdata, scale)
+        m.quant_backend_pref = backend
+        m.bias = bias if bias is None or isinstance(bias, torch.nn.Parameter) else \
+            torch.nn.Parameter(bias, requires_grad=False)
+        return m
+
+    @classmethod
     def from_linear(cls, linear: torch.nn.Module, scheme: Scheme, backend: str | None,
                     work_device: torch.device) -> "QuantizedLinear":
         """Quantize one layer on `work_device`; the result lives where the source weight lives."""
@@ -142,10 +160,6 @@ class QuantizedLinear(QuantLinearMixin, comfy.ops.manual_cast.Linear):
         w = linear.weight.detach().to(work_device)
         qdata, scale = reference.quantize_weight_streaming(w, scheme)
         del w
-        m = cls.__new__(cls)
-        torch.nn.Module.__init__(m)
-        m.in_features, m.out_features = linear.in_features, linear.out_features
-        m.quant_setup(scheme, qdata.to(home), scale.to(home))
-        m.quant_backend_pref = backend
-        m.bias = linear.bias  # shared with the source model: never modified in place
-        return m
+        # The bias is shared with the source model: never modified in place.
+        return cls.from_quantized(qdata.to(home), scale.to(home), scheme, (linear.out_features, linear.in_features),
+                                  linear.bias, backend)

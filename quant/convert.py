@@ -61,7 +61,8 @@ def convert(src: str, dst: str, scheme_name: str, layout: str = LIGHTX2V,
         raise CheckpointError(src, "the output path is the source file.",
                               "choose another output name; the source checkpoint is never overwritten.")
     f = SafetensorsFile(src)
-    if any(f.dtype_name(k) in ("I8", "F8_E4M3", "U8") for k in f.keys()):
+    # Only weights count: some files carry byte blobs such as a tokenizer (`spiece_model`).
+    if any(f.dtype_name(k) in ("I8", "F8_E4M3", "U8") for k in f.keys() if k.endswith(".weight")):
         raise CheckpointError(src, "is already quantized.", "convert from the original bf16/fp16 checkpoint.")
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

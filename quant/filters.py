@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-_BLOCK = re.compile(r"(^|\.)(blocks|double_blocks|single_blocks|transformer_blocks|layers|vace_blocks)\.\d+\.")
+_BLOCK = re.compile(r"(^|\.)(blocks|block|double_blocks|single_blocks|transformer_blocks|layers|vace_blocks)\.\d+\.")
 _SENSITIVE = re.compile(r"(^|[._])([a-z_]*norm[a-z_0-9]*|[a-z_]*mod|modulation|adaLN_modulation|"
                         r"[a-z_]*emb[a-z_]*|head|proj_out|final_layer)([._]|$)")
 
@@ -50,3 +50,6 @@ class LayerFilter:
 
 
 DEFAULT_FILTER = LayerFilter()
+# Encoders (umT5 `encoder.block.N`, CLIP `encoder.layers.N`): the attention and MLP/FFN linears of
+# every block, as LightX2V quantizes them. Prompts are one fixed length, so no few-row layers.
+ENCODER_FILTER = LayerFilter(small_m_patterns=())

@@ -15,6 +15,11 @@ from .safetensors_file import SafetensorsFile
 def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], CheckpointPlan, dict]:
     f = SafetensorsFile(path)
     plan = plan_checkpoint(f)
+    return normalized_state_dict(f, plan), plan, dict(f.metadata)
+
+
+def normalized_state_dict(f, plan: CheckpointPlan) -> dict[str, torch.Tensor]:
+    """Every tensor of `f` (a SafetensorsFile or PthFile), scales renamed and reshaped as above."""
     by_scale_key = {q.scale_key: q for q in plan.layers.values() if q.scale_key}
     sd: dict[str, torch.Tensor] = {}
     for key in f.keys():
@@ -30,7 +35,7 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], CheckpointPlan,
     for q in plan.layers.values():
         if q.scale_key is None:
             sd[q.layer + ".weight_scale"] = torch.ones((), dtype=torch.float32)
-    return sd, plan, dict(f.metadata)
+    return sd
 
 
 def _layer_quantized(plan: CheckpointPlan, key: str, suffix: str) -> bool:
@@ -51,4 +56,4 @@ def layout_of(plan: CheckpointPlan) -> str:
     return "+".join(names) if names else "unquantized"
 
 
-__all__ = ["load_checkpoint", "layout_of", "COMFY_SCALED_FP8"]
+__all__ = ["load_checkpoint", "normalized_state_dict", "layout_of", "COMFY_SCALED_FP8"]
