@@ -52,6 +52,12 @@ def load_quantized_t5(path: str, backend: str = "auto"):
     ckpt = load_encoder(path, T5)
     config = _config(ckpt, umt5.config_from_shapes)
     spiece, spiece_source = find_umt5_tokenizer(path, ckpt.extras.get("spiece_model"), config["vocab_size"])
+    return build_t5_clip(ckpt, spiece, backend, [f"tokenizer: {spiece_source}"])
+
+
+def build_t5_clip(ckpt: EncoderCheckpoint, spiece, backend: str = "auto", notes=()):
+    """ComfyUI's Wan text encoder holding `ckpt` (ComfyUI layout); `spiece` is the tokenizer model."""
+    path, config = ckpt.path, _config(ckpt, umt5.config_from_shapes)
     norm_dtype = ckpt.state_dict["encoder.final_layer_norm.weight"].dtype
     ops = make_quant_ops(ckpt.layers, path, None if backend == "auto" else backend)
 
@@ -72,8 +78,7 @@ def load_quantized_t5(path: str, backend: str = "auto"):
     if unclaimed:
         raise CheckpointError(path, "is quantized but the umT5 encoder has no such Linear.",
                               "the file does not match ComfyUI's umT5; re-export it.", unclaimed[0])
-    report = _report(ckpt, clip.patcher.load_device, backend, [f"tokenizer: {spiece_source}"])
-    return clip, report
+    return clip, _report(ckpt, clip.patcher.load_device, backend, notes)
 
 
 def load_quantized_clip_vision(path: str, backend: str = "auto"):
