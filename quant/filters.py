@@ -13,7 +13,7 @@ from typing import Optional
 
 _BLOCK = re.compile(r"(^|\.)(blocks|block|double_blocks|single_blocks|transformer_blocks|layers|vace_blocks)\.\d+\.")
 _SENSITIVE = re.compile(r"(^|[._])([a-z_]*norm[a-z_0-9]*|[a-z_]*mod|modulation|adaLN_modulation|"
-                        r"[a-z_]*emb[a-z_]*|head|proj_out|final_layer)([._]|$)")
+                        r"[a-z_]*emb[a-z_]*|relative_attention_bias|head|proj_out|final_layer)([._]|$)")
 
 
 @dataclass(frozen=True)
