@@ -2,13 +2,14 @@
 
     .venv/bin/python scripts/demo.py        (or: make demo)
 
-1. Makes the demo models in .demo/models (reused on re-runs): a random Wan 2.1 DiT in bf16 built
-   with text_dim=768 so it takes CLIP-L conditioning, a CLIP-L text encoder, and three quantized
-   copies of the DiT written by quant.convert (LightX2V int8, LightX2V fp8, ComfyUI scaled fp8).
+1. Makes the demo models in .demo/models (reused on re-runs): a random umT5 text encoder in
+   LightX2V's int8 .pth layout (Wan key names, per-channel scales) with a SentencePiece tokenizer
+   beside it, a random Wan 2.1 DiT in bf16 whose text_dim matches it, and three quantized copies of
+   the DiT written by quant.convert (LightX2V int8, LightX2V fp8, ComfyUI scaled fp8).
 2. Starts ComfyUI (.comfyui/main.py --cpu) once, with this pack loaded as a custom node.
 3. Runs scripts/demo_workflow_api.json for each variant: the bf16 file through ComfyUI's own
    UNETLoader, each quantized file through QuantDiTLoader. Before each run the server unloads its
-   models and drops its node cache, so every run does the same work cold (CLIP load + encode, DiT
+   models and drops its node cache, so every run does the same work cold (T5 load + encode, DiT
    load, 4 euler steps, SaveLatent); each variant runs twice and the faster run is reported.
 4. Prints a table (file size, seconds, server peak RSS, output latent) and the relative L2
    difference of each quantized latent from the bf16 one. Exits non-zero on any failure.
@@ -26,14 +27,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from quant.convert import convert  # noqa: E402
 from scripts.comfy_server import ComfyServer, ComfyServerError, PromptResult, newest_file  # noqa: E402
-from scripts.tiny_models import (WAN_TEXT_DIM_FOR_CLIP_L, clip_l_text, save, wan21_dit,  # noqa: E402
-                                 wan21_metadata)
+from scripts.tiny_encoders import lightx2v_quantize, train_spiece, umt5_wan  # noqa: E402
+from scripts.tiny_models import save, wan21_dit, wan21_metadata  # noqa: E402
 
 DEMO_DIR = os.path.join(ROOT, ".demo")
 WORKFLOW_PATH = os.path.join(ROOT, "scripts", "demo_workflow_api.json")
@@ -41,8 +44,9 @@ LOADER_NODE, SAVE_NODE = "1", "7"
 OUTPUT_PREFIX = "quantdit_demo"
 
 BF16_NAME = "wan21_tiny_bf16.safetensors"
-CLIP_NAME = "clip_l_tiny.safetensors"
-DIT_SPEC = dict(dim=256, ffn_dim=512, num_layers=2, text_dim=WAN_TEXT_DIM_FOR_CLIP_L)
+T5_NAME = "umt5_tiny_int8_lightx2v.pth"
+T5_SPEC = dict(dim=64, ffn_dim=160, heads=4, layers=2)
+DIT_SPEC = dict(dim=256, ffn_dim=512, num_layers=2, text_dim=T5_SPEC["dim"])
 
 # Relative L2 above this (or NaN) makes the demo fail: W8A8/fp8 rounding through 2 blocks x 4 steps
 # gives ~1-5%; a broken path (wrong scale, garbage weights) gives ~100%.
@@ -84,21 +88,24 @@ def _save_atomic(sd, path, metadata=None):
 
 
 def make_models(models_dir: str, variants=VARIANTS, log: Callable[[str], None] = print) -> dict[str, str]:
-    """Write (or reuse) the demo files under models_dir; returns {variant key or 'clip': path}."""
+    """Write (or reuse) the demo files under models_dir; returns {variant key or 't5': path}."""
     dit_dir = os.path.join(models_dir, "diffusion_models")
     te_dir = os.path.join(models_dir, "text_encoders")
     for d in (dit_dir, te_dir, os.path.join(models_dir, "vae")):
         os.makedirs(d, exist_ok=True)
     paths = {}
 
-    clip_path = os.path.join(te_dir, CLIP_NAME)
-    if not os.path.exists(clip_path):
-        log(f"writing {os.path.relpath(clip_path, ROOT)} (random CLIP-L text encoder)")
-        _save_atomic(clip_l_text(), clip_path)
-    paths["clip"] = clip_path
+    t5_path = os.path.join(te_dir, T5_NAME)
+    if not os.path.exists(t5_path):
+        log(f"writing {os.path.relpath(t5_path, ROOT)} (random umT5, LightX2V int8 layout) and spiece.model")
+        with open(os.path.join(te_dir, "spiece.model"), "wb") as f:
+            f.write(train_spiece())
+        torch.save(lightx2v_quantize(umt5_wan(**T5_SPEC), "int8", "t5"), t5_path + ".partial")
+        os.replace(t5_path + ".partial", t5_path)
+    paths["t5"] = t5_path
 
     src = os.path.join(dit_dir, BF16_NAME)
-    if not os.path.exists(src):
+    if not _dit_matches_spec(src):  # missing, or left by an older demo with another text_dim
         log(f"writing {os.path.relpath(src, ROOT)} (random Wan 2.1 DiT, {DIT_SPEC})")
         _save_atomic(wan21_dit(**DIT_SPEC), src, wan21_metadata(DIT_SPEC["text_dim"]))
     for v in variants:
@@ -115,6 +122,14 @@ def make_models(models_dir: str, variants=VARIANTS, log: Callable[[str], None] =
         if not os.path.exists(path):
             raise FileNotFoundError(f"{key}: {path} was not written")
     return paths
+
+
+def _dit_matches_spec(path: str) -> bool:
+    from quant.formats.safetensors_file import read_header
+    if not os.path.exists(path):
+        return False
+    infos, _ = read_header(path)
+    return infos.get("text_embedding.0.weight", {}).get("shape") == [DIT_SPEC["dim"], DIT_SPEC["text_dim"]]
 
 
 # --- workflow -------------------------------------------------------------------------------------
@@ -192,9 +207,10 @@ def main(argv=None) -> int:
             rows.append((v, result, saved_latent(server, result)))
 
     print()
-    print("Wan 2.1 tiny DiT (dim 256, 2 blocks, text_dim 768) on ComfyUI --cpu: 64x64, 5 frames, 4 euler steps")
+    print("Wan 2.1 tiny DiT (dim 256, 2 blocks, text_dim 64) with a tiny int8 umT5 (Load Quantized T5) on "
+          "ComfyUI --cpu: 64x64, 5 frames, 4 euler steps")
     print(f"seconds: whole prompt from the history status, fastest of {REPEATS} cold runs "
-          "(CLIP load+encode, DiT load, sampling, save)")
+          "(T5 load+encode, DiT load, sampling, save)")
     print("peak RSS: server VmHWM, reset before each prompt" if all(r.peak_rss_reset for _, r, _ in rows)
           else "peak RSS: server VmHWM since start (could not reset it per prompt)")
     print("RSS before: server RSS when the prompt was queued (models unloaded, node cache dropped)")

@@ -1,7 +1,7 @@
 """The pack inside a real ComfyUI server (subprocess, --cpu), driven over HTTP like a user's frontend.
 
 One server per module (16 s to start on 2 cores); it is stopped even when a test fails.
-Models are the demo's (scripts/demo.py): a tiny Wan 2.1 DiT with text_dim=768 + a CLIP-L encoder.
+Models are the demo's (scripts/demo.py): a tiny Wan 2.1 DiT with text_dim=64 + a tiny int8 umT5 (.pth).
 """
 from __future__ import annotations
 
@@ -146,8 +146,8 @@ def _check_widgets(node, node_info, problems):
         if kind == "COMBO":
             if name not in MODEL_FILE_INPUTS and value not in combo_options(spec):
                 problems.append(f"{where}: {name}={value!r} is not one of {combo_options(spec)}")
-            if name in MODEL_FILE_INPUTS and not str(value).endswith(".safetensors"):
-                problems.append(f"{where}: {name}={value!r} is not a .safetensors file name")
+            if name in MODEL_FILE_INPUTS and not str(value).endswith((".safetensors", ".pth")):
+                problems.append(f"{where}: {name}={value!r} is not a .safetensors or .pth file name")
         elif kind in ("INT", "FLOAT"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     (kind == "INT" and not isinstance(value, int)):
@@ -174,7 +174,7 @@ def test_example_workflow_matches_server(server):
     assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
     missing = sorted({n["type"] for n in wf["nodes"]} - set(info))
     assert not missing, f"node types the server does not have: {missing}"
-    assert {n["type"] for n in wf["nodes"]} >= {"QuantDiTLoader", "CLIPLoader", "VAELoader", "CLIPTextEncode",
+    assert {n["type"] for n in wf["nodes"]} >= {"QuantDiTLoader", "QuantDiTT5Loader", "VAELoader", "CLIPTextEncode",
                                                 "EmptyHunyuanLatentVideo", "KSampler", "VAEDecode",
                                                 "SaveAnimatedWEBP"}
     assert wf["last_node_id"] >= max(nodes) and wf["last_link_id"] >= max(l[0] for l in wf["links"])
@@ -231,7 +231,7 @@ def test_example_workflow_matches_server(server):
     for n in wf["nodes"]:
         by_type.setdefault(n["type"], []).append(n)
     assert by_type["QuantDiTLoader"][0]["widgets_values"][0] == "wan2.1_t2v_1.3B_int8_lightx2v.safetensors"
-    assert by_type["CLIPLoader"][0]["widgets_values"][:2] == ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan"]
+    assert by_type["QuantDiTT5Loader"][0]["widgets_values"] == ["models_t5_umt5-xxl-enc-int8.pth", "auto"]
     assert by_type["VAELoader"][0]["widgets_values"] == ["wan_2.1_vae.safetensors"]
     assert by_type["EmptyHunyuanLatentVideo"][0]["widgets_values"][:3] == [832, 480, 33]
     ks = by_type["KSampler"][0]["widgets_values"]
