@@ -358,3 +358,28 @@ def test_t5_tokenizer_borrowed_from_a_comfy_umt5_file(comfy, t5_files, tmp_path,
     clip, report = load_t5(comfy, "alone.pth")
     assert f"borrowed from {names['comfy-bf16']}" in report
     assert encode(comfy, clip).shape == (1, 512, ef.T5_DIM)
+
+
+def test_clip_vision_output_feeds_wan_image_to_video(comfy, clip_files, t5_files):
+    """CLIPVisionEncode on the quantized CLIP_VISION -> WanImageToVideo, as in Wan I2V workflows."""
+    from comfy_extras.nodes_wan import WanImageToVideo
+    cv, _ = load_clip_vision(comfy, clip_files[1]["int8"])
+    (vision_out,) = comfy[0].CLIPVisionEncode().encode(cv, ef.image(), "center")
+    clip, _ = load_t5(comfy, t5_files[1]["int8"])
+    pos = comfy[0].CLIPTextEncode().encode(clip, PROMPT)[0]
+    neg = comfy[0].CLIPTextEncode().encode(clip, "")[0]
+    out = WanImageToVideo.execute(pos, neg, None, 64, 64, 5, 1, clip_vision_output=vision_out).result
+    carried = out[0][0][1]["clip_vision_output"]
+    assert torch.equal(carried["penultimate_hidden_states"], vision_out["penultimate_hidden_states"])
+    assert out[2]["samples"].shape == (1, 16, 2, 8, 8)
+
+
+def test_every_encoder_scheme_option_resolves(comfy):
+    from quant.schemes import resolve
+    options = comfy[1].nodes.encoder_nodes.ENCODER_SCHEMES
+    for name in options:
+        assert resolve(name, namespace="encoder").scheme.is_quantized, name
+    # LightX2V's bare names mean W8A8 for encoders (torchao's bare int8 would be weight-only).
+    assert resolve("int8", namespace="encoder").scheme.name == "int8-w8a8"
+    assert resolve("fp8", namespace="encoder").scheme.name == "fp8-w8a8"
+    assert resolve("int8-q8f", namespace="encoder").backend == "q8f"
