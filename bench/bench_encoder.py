@@ -71,7 +71,7 @@ def measure(pack, ckpt, backend, spiece, tokens, reps):
     gc.collect()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
-    clip, report = loader.build_t5_clip(ckpt, spiece, backend)
+    clip, report = loader.build_t5_clip(ckpt, loader.t5_config(ckpt), spiece, backend)
     out = clip.encode_from_tokens(tokens)  # loads the encoder onto the GPU, compiles/tunes kernels
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - base

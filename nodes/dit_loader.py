@@ -62,7 +62,7 @@ def few_rows_weight_only(layers: dict[str, LayerQuant]) -> dict[str, LayerQuant]
     out = {}
     for name, q in layers.items():
         scheme = get_scheme(q.scheme)
-        if DEFAULT_FILTER.is_small_m(name) and scheme.quantizes_activation and scheme.weight_granularity == PER_CHANNEL:
+        if DEFAULT_FILTER.runs_weight_only(name, scheme) and scheme.weight_granularity == PER_CHANNEL:
             q = replace(q, scheme=weight_only_partner(scheme).name)
         out[name] = q
     return out

@@ -6,7 +6,6 @@ import torch
 
 import comfy.clip_vision
 import comfy.model_management
-import comfy.model_patcher
 import comfy.sd
 import comfy.text_encoders.wan
 
@@ -47,17 +46,22 @@ def _report(ckpt: EncoderCheckpoint, device: torch.device, backend: str, extra_n
     return report
 
 
+def t5_config(ckpt: EncoderCheckpoint) -> dict:
+    return _config(ckpt, umt5.config_from_shapes)
+
+
 def load_quantized_t5(path: str, backend: str = "auto"):
     """CLIP object for Wan (umT5) from a Wan-layout or ComfyUI-layout file; returns (clip, report)."""
     ckpt = load_encoder(path, T5)
-    config = _config(ckpt, umt5.config_from_shapes)
+    config = t5_config(ckpt)
     spiece, spiece_source = find_umt5_tokenizer(path, ckpt.extras.get("spiece_model"), config["vocab_size"])
-    return build_t5_clip(ckpt, spiece, backend, [f"tokenizer: {spiece_source}"])
+    return build_t5_clip(ckpt, config, spiece, backend, [f"tokenizer: {spiece_source}"])
 
 
-def build_t5_clip(ckpt: EncoderCheckpoint, spiece, backend: str = "auto", notes=()):
-    """ComfyUI's Wan text encoder holding `ckpt` (ComfyUI layout); `spiece` is the tokenizer model."""
-    path, config = ckpt.path, _config(ckpt, umt5.config_from_shapes)
+def build_t5_clip(ckpt: EncoderCheckpoint, config: dict, spiece, backend: str = "auto", notes=()):
+    """ComfyUI's Wan text encoder holding `ckpt` (ComfyUI layout) built with `config` (see
+    t5_config); `spiece` is the tokenizer model."""
+    path = ckpt.path
     norm_dtype = ckpt.state_dict["encoder.final_layer_norm.weight"].dtype
     ops = make_quant_ops(ckpt.layers, path, None if backend == "auto" else backend)
 
@@ -103,7 +107,4 @@ def load_quantized_clip_vision(path: str, backend: str = "auto"):
         setattr(model.model.get_submodule(parent), child, layer)
     missing, _ = model.load_sd(sd)
     _check_complete(ckpt, missing, set(ckpt.layers), "CLIP vision tower")
-    # The patcher measured the model before the swap: give it a fresh look.
-    model.patcher = comfy.model_patcher.CoreModelPatcher(model.model, load_device=model.load_device,
-                                                         offload_device=model.patcher.offload_device)
     return model, _report(ckpt, model.load_device, backend)

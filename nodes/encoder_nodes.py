@@ -8,7 +8,6 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..quant.filters import ENCODER_FILTER
-from ..quant.report import describe_kernels
 from ..quant.schemes import resolve
 from .encoder_loader import load_quantized_clip_vision, load_quantized_t5
 from .loader_nodes import backend_options
@@ -95,9 +94,7 @@ def _quantize_encoder(patcher, scheme: str, backend: str, skip_patterns: str, ti
         raise ValueError(f"scheme {scheme!r} does not quantize anything; choose one of {', '.join(ENCODER_SCHEMES)}")
     extra = tuple(p.strip() for p in skip_patterns.split(",") if p.strip())
     layer_filter = dataclasses.replace(ENCODER_FILTER, extra_skip=extra)
-    out, report = quantize_model(patcher, resolved, backend, layer_filter, f"{title}: {scheme}", root="")
-    describe_kernels(report, out.load_device, resolved.backend if backend == "auto" else backend)
-    return out, report
+    return quantize_model(patcher, resolved, backend, layer_filter, f"{title}: {scheme}", root="")
 
 
 class QuantDiTQuantizeTextEncoder(io.ComfyNode):

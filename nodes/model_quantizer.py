@@ -16,7 +16,7 @@ import comfy.utils
 
 from ..quant.filters import LayerFilter
 from ..quant.reference import weight_nbytes
-from ..quant.report import QuantReport, layer_group
+from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import ResolvedScheme, weight_only_partner
 from .ops import QuantizedLinear, QuantLinearMixin
 
@@ -64,8 +64,7 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
         if reason:
             skipped[reason] += 1
             continue
-        # Few rows (text/image context): W8A8 is slower than bf16 there; weight-only keeps the memory win.
-        few_rows = scheme.quantizes_activation and layer_filter.is_small_m(name)
+        few_rows = layer_filter.runs_weight_only(name, scheme)
         candidates.append((name, module, weight_only_partner(scheme) if few_rows else scheme))
 
     work = comfy.model_management.get_torch_device()
@@ -82,4 +81,5 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
         report.notes.append(f"kept {n} layers: {reason}")
     if not candidates:
         report.notes.append("nothing new to quantize: the output is the input model")
+    describe_kernels(report, out.load_device, pref)
     return out, report

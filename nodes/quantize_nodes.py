@@ -4,7 +4,6 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..quant.filters import LayerFilter
-from ..quant.report import describe_kernels
 from ..quant.schemes import all_names, resolve
 from .loader_nodes import backend_options
 from .model_quantizer import quantize_model
@@ -66,7 +65,6 @@ class QuantDiTQuantizeModel(io.ComfyNode):
             raise ValueError(f"scheme {scheme!r} does not quantize anything; choose one of {', '.join(_RUNTIME_SCHEMES)}")
         out, report = quantize_model(model, resolved, backend, _layer_filter(skip_patterns, keep_small_m_layers),
                                      f"Quantize Model: {scheme}")
-        describe_kernels(report, out.load_device, resolved.backend if backend == "auto" else backend)
         return io.NodeOutput(out, report.text())
 
 
@@ -100,5 +98,4 @@ class QuantDiTLayerwiseFP8Cast(io.ComfyNode):
                   ("per-tensor", "float8_e5m2"): "fp8-e5m2-scaled"}[(scale, storage)]
         out, report = quantize_model(model, resolve(scheme), "auto",
                                      _layer_filter(skip_patterns, keep_small_m_layers), f"Layerwise FP8 Cast: {storage} {scale}")
-        describe_kernels(report, out.load_device, "auto")
         return io.NodeOutput(out, report.text())

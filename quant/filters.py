@@ -48,6 +48,11 @@ class LayerFilter:
     def is_small_m(self, name: str) -> bool:
         return any(p in name for p in self.small_m_patterns)
 
+    def runs_weight_only(self, name: str, scheme) -> bool:
+        """A W8A8 scheme on a few-row layer runs as 8-bit weight-only there (quant.schemes.
+        weight_only_partner): activation quantization would cost more than it saves."""
+        return scheme.quantizes_activation and self.is_small_m(name)
+
 
 DEFAULT_FILTER = LayerFilter()
 # Encoders (umT5 `encoder.block.N`, CLIP `encoder.layers.N`): the attention and MLP/FFN linears of

@@ -13,6 +13,7 @@ import zipfile
 import torch
 
 from ..errors import CheckpointError
+from .safetensors_file import SafetensorsFile
 
 # torch dtype -> the safetensors dtype names the layout detection speaks.
 _DTYPE_NAMES = {
@@ -94,7 +95,6 @@ class PthFile:
 
 def open_tensor_file(path: str):
     """SafetensorsFile or PthFile, chosen by the file's first bytes (extensions lie)."""
-    from .safetensors_file import SafetensorsFile
     try:
         with open(path, "rb") as f:
             head = f.read(4)

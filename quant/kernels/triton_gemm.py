@@ -184,11 +184,15 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 16)), 1 << 16)
 
 
-def _check(xq, wq):
+def _prepare(xq, wq, out_dtype):
+    """Checked shapes (m, k, n) and the empty [m, n] output."""
     if xq.dim() != 2 or wq.dim() != 2 or xq.shape[1] != wq.shape[1]:
         raise ValueError(f"GEMM shapes do not match: x {tuple(xq.shape)}, w {tuple(wq.shape)}")
     if xq.stride(1) != 1 or wq.stride(1) != 1:
         raise ValueError("GEMM operands must be row-major with contiguous rows")
+    m, k = xq.shape
+    n = wq.shape[0]
+    return m, k, n, torch.empty((m, n), dtype=out_dtype, device=xq.device)
 
 
 def _grid(m: int, n: int):
@@ -205,10 +209,7 @@ def _launch(tuned, plain, m, n, *args, **meta):
 def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """xq [M, K], x_scale [M, 1]; wq [N, K], w_scale [N, 1] (int8 or float8_e4m3fn) -> [M, N] out_dtype."""
-    _check(xq, wq)
-    m, k = xq.shape
-    n = wq.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    m, k, n, y = _prepare(xq, wq, out_dtype)
     if m == 0:
         return y
     is_int = xq.dtype == torch.int8
@@ -234,10 +235,7 @@ def block_fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_
                    bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """xq [M, K] fp8 with x_scale [M, ceil(K/128)] (any strides, token-contiguous is fastest);
     wq [N, K] fp8 with w_scale [ceil(N/128), ceil(K/128)] -> [M, N] out_dtype."""
-    _check(xq, wq)
-    m, k = xq.shape
-    n = wq.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    m, k, n, y = _prepare(xq, wq, out_dtype)
     if m == 0:
         return y
     if x_scale.stride(0) != 1:  # the kernel reads scale[k_group, token] with tokens contiguous
