@@ -14,7 +14,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..quant.filters import LayerFilter
+from ..quant.filters import LayerFilter, is_modulation
 from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import ResolvedScheme, weight_only_partner
@@ -63,10 +63,13 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
         reason = layer_filter.skip_reason(name, tuple(module.weight.shape))
         if reason:
             skipped[reason] += 1
+            report.kept_bytes += module.weight.numel() * 2
             continue
+        # Few-row layers (context k/v, text streams, modulation) run weight-only under W8A8.
         few_rows = layer_filter.runs_weight_only(name, scheme)
         candidates.append((name, module, weight_only_partner(scheme) if few_rows else scheme))
 
+    modulation = Counter(s.name for name, _, s in candidates if is_modulation(name))
     work = comfy.model_management.get_torch_device()
     pbar = comfy.utils.ProgressBar(max(len(candidates), 1))
     for name, module, layer_scheme in candidates:
@@ -77,6 +80,8 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
         report.quantized_bytes += weight_nbytes(module.out_features, module.in_features, layer_scheme)
         report.bf16_equivalent_bytes += module.out_features * module.in_features * 2
         pbar.update(1)
+    for s, n in sorted(modulation.items()):
+        report.notes.append(f"{n} modulation (adaLN) layers run {s} (weight-only: one row per sample)")
     for reason, n in sorted(skipped.items()):
         report.notes.append(f"kept {n} layers: {reason}")
     if not candidates:

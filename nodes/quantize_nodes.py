@@ -21,19 +21,25 @@ def _filter_inputs():
     return [
         io.String.Input("skip_patterns", default="", multiline=False, advanced=True,
                         tooltip="Comma-separated name fragments of layers to keep in high precision, "
-                                "e.g. 'blocks.0.,ffn.2'. Norms, embeddings, modulation and the head "
-                                "are always kept."),
+                                "e.g. 'blocks.0.,ffn.2'. Norms, embeddings and the head are always "
+                                "kept, and the modulation linears unless quantize_modulation is on."),
         io.Boolean.Input("keep_small_m_layers", default=True, advanced=True,
                          tooltip="Under W8A8 schemes, run the layers that only see the text/image "
                                  "context (cross-attention k/v, text streams) as 8-bit weight-only: with "
                                  "so few rows, activation quantization makes them slower than bf16, while "
                                  "weight-only still halves their memory. Off: W8A8 for them too."),
+        io.Boolean.Input("quantize_modulation", default=True, advanced=True,
+                         tooltip="Quantize the modulation (adaLN) linears inside the blocks, about 27% of "
+                                 "Flux's weights. They see one row per sample, so they are stored 8-bit "
+                                 "(or the scheme's 4-bit) and run weight-only. Off: keep them in bf16, as "
+                                 "LightX2V does."),
     ]
 
 
-def _layer_filter(skip_patterns: str, keep_small_m_layers: bool) -> LayerFilter:
+def _layer_filter(skip_patterns: str, keep_small_m_layers: bool, quantize_modulation: bool) -> LayerFilter:
     extra = tuple(p.strip() for p in skip_patterns.split(",") if p.strip())
-    return LayerFilter(extra_skip=extra, small_m_patterns=LayerFilter().small_m_patterns if keep_small_m_layers else ())
+    return LayerFilter(extra_skip=extra, small_m_patterns=LayerFilter().small_m_patterns if keep_small_m_layers else (),
+                       quantize_modulation=quantize_modulation)
 
 
 class QuantDiTQuantizeModel(io.ComfyNode):
@@ -59,11 +65,13 @@ class QuantDiTQuantizeModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, scheme, backend, skip_patterns="", keep_small_m_layers=True) -> io.NodeOutput:
+    def execute(cls, model, scheme, backend, skip_patterns="", keep_small_m_layers=True,
+                quantize_modulation=True) -> io.NodeOutput:
         resolved = resolve(scheme)
         if not resolved.scheme.is_quantized:
             raise ValueError(f"scheme {scheme!r} does not quantize anything; choose one of {', '.join(_RUNTIME_SCHEMES)}")
-        out, report = quantize_model(model, resolved, backend, _layer_filter(skip_patterns, keep_small_m_layers),
+        out, report = quantize_model(model, resolved, backend,
+                                     _layer_filter(skip_patterns, keep_small_m_layers, quantize_modulation),
                                      f"Quantize Model: {scheme}")
         return io.NodeOutput(out, report.text())
 
@@ -92,10 +100,12 @@ class QuantDiTLayerwiseFP8Cast(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, scale, storage="float8_e4m3fn", skip_patterns="", keep_small_m_layers=True) -> io.NodeOutput:
+    def execute(cls, model, scale, storage="float8_e4m3fn", skip_patterns="", keep_small_m_layers=True,
+                quantize_modulation=True) -> io.NodeOutput:
         scheme = {("per-channel", "float8_e4m3fn"): "fp8-weight-only", ("per-tensor", "float8_e4m3fn"): "fp8-scaled",
                   ("per-channel", "float8_e5m2"): "fp8-e5m2-weight-only",
                   ("per-tensor", "float8_e5m2"): "fp8-e5m2-scaled"}[(scale, storage)]
         out, report = quantize_model(model, resolve(scheme), "auto",
-                                     _layer_filter(skip_patterns, keep_small_m_layers), f"Layerwise FP8 Cast: {storage} {scale}")
+                                     _layer_filter(skip_patterns, keep_small_m_layers, quantize_modulation),
+                                     f"Layerwise FP8 Cast: {storage} {scale}")
         return io.NodeOutput(out, report.text())

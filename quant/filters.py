@@ -4,6 +4,11 @@ Defaults follow what LightX2V quantizes: the attention and FFN linears inside tr
 Norms, embeddings (patch/time/text/image), modulation (adaLN) and the output head stay in high
 precision: they are small, run with few rows (W8A8 is slower than bf16 there, see DESIGN.md) and
 are sensitive to quantization.
+
+`quantize_modulation` (on in the runtime Quantize Model / FP8 Cast nodes, off for LightX2V files)
+also quantizes the modulation linears inside the blocks (Flux `img_mod.lin` / `modulation.lin`,
+Qwen-Image `img_mod.1`): about a quarter of Flux's block weights. They see one row per sample
+(the time/guidance vector), so a W8A8 scheme runs them as 8-bit weight-only.
 """
 from __future__ import annotations
 
@@ -14,6 +19,14 @@ from typing import Optional
 _BLOCK = re.compile(r"(^|\.)(blocks|block|double_blocks|single_blocks|transformer_blocks|layers|vace_blocks)\.\d+\.")
 _SENSITIVE = re.compile(r"(^|[._])([a-z_]*norm[a-z_0-9]*|[a-z_]*mod|modulation|adaLN_modulation|"
                         r"[a-z_]*emb[a-z_]*|relative_attention_bias|head|proj_out|final_layer)([._]|$)")
+# A Linear that is a child of a modulation module (Flux / HunyuanVideo `img_mod.lin`, `txt_mod.lin`,
+# `modulation.lin`; Qwen-Image `img_mod.1`, `txt_mod.1`; DiT-style `adaLN_modulation.1`).
+_MODULATION = re.compile(r"(^|\.)(img_mod|txt_mod|modulation|adaLN_modulation)\.[^.]+$")
+
+
+def is_modulation(name: str) -> bool:
+    """A modulation (adaLN) Linear inside a transformer block."""
+    return bool(_MODULATION.search(name)) and bool(_BLOCK.search(name + "."))
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,9 @@ class LayerFilter:
     # Wan cross-attention k/v; Flux / HunyuanVideo text streams; Qwen-Image's added text projections.
     small_m_patterns: tuple[str, ...] = ("cross_attn.k", "cross_attn.v", "txt_attn", "txt_mlp", "add_q_proj",
                                          "add_k_proj", "add_v_proj", "to_add_out")
+    # Quantize the modulation linears inside the blocks too (weight-only under W8A8, see above).
+    # Off by default: LightX2V files keep them in bf16 and its loader expects that.
+    quantize_modulation: bool = False
 
     def skip_reason(self, name: str, shape: tuple[int, ...]) -> Optional[str]:
         """None if the layer should be quantized, else a short reason."""
@@ -34,7 +50,7 @@ class LayerFilter:
             return "not a Linear weight"
         if self.blocks_only and not _BLOCK.search(name + "."):
             return "outside the transformer blocks (embedding, time/text projection or head)"
-        if _SENSITIVE.search(name):
+        if _SENSITIVE.search(name) and not (self.quantize_modulation and is_modulation(name)):
             return "norm / modulation / embedding / head layer (kept in high precision)"
         for s in self.extra_skip:
             if s and s in name:
@@ -51,7 +67,8 @@ class LayerFilter:
     def runs_weight_only(self, name: str, scheme) -> bool:
         """A W8A8 scheme on a few-row layer runs as 8-bit weight-only there (quant.schemes.
         weight_only_partner): activation quantization would cost more than it saves."""
-        return scheme.quantizes_activation and self.is_small_m(name)
+        few_rows = self.is_small_m(name) or (self.quantize_modulation and is_modulation(name))
+        return scheme.quantizes_activation and few_rows
 
 
 DEFAULT_FILTER = LayerFilter()

@@ -18,11 +18,18 @@ class QuantReport:
     groups: dict[str, str] = field(default_factory=dict)      # layer group -> scheme
     quantized_bytes: int = 0
     bf16_equivalent_bytes: int = 0
+    kept_bytes: int = 0  # Linear weights left in high precision, counted at 2 bytes each
     notes: list[str] = field(default_factory=list)
 
     @property
     def saved_bytes(self) -> int:
         return self.bf16_equivalent_bytes - self.quantized_bytes
+
+    @property
+    def linear_ratio(self) -> float:
+        """Weight memory of all Linears (quantized + kept) relative to all of them in bf16."""
+        total = self.bf16_equivalent_bytes + self.kept_bytes
+        return (self.quantized_bytes + self.kept_bytes) / total if total else 1.0
 
     def text(self) -> str:
         mib = 1024 * 1024
@@ -35,6 +42,9 @@ class QuantReport:
             lines.append(f"quantized linears: {self.quantized_bytes / mib:.1f} MiB "
                          f"(bf16 would be {self.bf16_equivalent_bytes / mib:.1f} MiB, "
                          f"saved {self.saved_bytes / mib:.1f} MiB)")
+        if self.kept_bytes:
+            lines.append(f"all linears: {self.linear_ratio:.2f}x of bf16 "
+                         f"({self.kept_bytes / mib:.1f} MiB of them kept in high precision)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -25,9 +26,9 @@ def rel_err(a, b):
 
 
 class Arch:
-    def __init__(self, name, file, conditioning, latent, n_block_linears, n_context_kv):
+    def __init__(self, name, file, conditioning, latent, n_block_linears, n_context_kv, n_modulation=0):
         self.name, self.file, self.cond, self.latent = name, file, conditioning, latent
-        self.n_block_linears, self.n_context_kv = n_block_linears, n_context_kv
+        self.n_block_linears, self.n_context_kv, self.n_modulation = n_block_linears, n_context_kv, n_modulation
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,9 @@ def archs(comfy, models_dir):
         # Wan: 2 blocks x 10 linears, of which cross_attn.k/v (4) see only the text context.
         "wan": Arch("wan", "q_wan_bf16.safetensors", wan_fixtures.conditioning, wan_fixtures.latent, 20, 4),
         # Flux: 1 double block (img/txt qkv, proj, mlp.0, mlp.2 = 8) + 2 single blocks (linear1/2 = 4);
-        # the 4 text-stream linears run on few rows: 8-bit weight-only under W8A8.
-        "flux": Arch("flux", "q_flux_bf16.safetensors", flux_fixtures.conditioning, flux_fixtures.latent, 12, 4),
+        # the 4 text-stream linears run on few rows: 8-bit weight-only under W8A8. Plus 4 modulation
+        # linears (img_mod.lin, txt_mod.lin, 2x modulation.lin), quantized weight-only by default.
+        "flux": Arch("flux", "q_flux_bf16.safetensors", flux_fixtures.conditioning, flux_fixtures.latent, 12, 4, 4),
     }
 
 
@@ -80,11 +82,15 @@ def test_every_scheme_through_ksampler(comfy, archs, baselines, arch_name, schem
     arch = archs[arch_name]
     model = load_bf16(comfy, arch)
     qmodel, report = quantize(comfy, model, scheme)
-    expected = arch.n_block_linears - (arch.n_context_kv if scheme in ("fp8-w8a8", "int8-w8a8", "fp8-block128") else 0)
-    assert f"{scheme}: {expected} layers" in report, report
-    if expected < arch.n_block_linears:  # the few-row layers run weight-only with the same weight format
+    w8a8 = scheme in ("fp8-w8a8", "int8-w8a8", "fp8-block128")
+    if w8a8:  # the few-row layers run weight-only with the same weight format
         partner = "int8-weight-only" if scheme == "int8-w8a8" else "fp8-weight-only"
-        assert f"{partner}: {arch.n_context_kv} layers" in report, report
+        assert f"{scheme}: {arch.n_block_linears - arch.n_context_kv} layers" in report, report
+        assert f"{partner}: {arch.n_context_kv + arch.n_modulation} layers" in report, report
+    else:
+        assert f"{scheme}: {arch.n_block_linears + arch.n_modulation} layers" in report, report
+    if arch.n_modulation:
+        assert f"{arch.n_modulation} modulation (adaLN) layers run {partner if w8a8 else scheme}" in report, report
     err = rel_err(sample(comfy, arch, qmodel), baselines[arch_name])
     assert 0 < err < TOLERANCE[scheme], f"{arch_name}/{scheme}: relative error {err:.4f}"
     # The input MODEL still produces exactly its old output.
@@ -104,6 +110,62 @@ def test_layerwise_fp8_cast(comfy, archs, baselines, scale, storage, scheme):
     err = rel_err(sample(comfy, arch, cast), baselines["wan"])
     assert 0 < err < TOLERANCE[scheme]
     assert torch.equal(sample(comfy, arch, model), baselines["wan"])
+
+
+FLUX_MODULATION = ["double_blocks.0.img_mod.lin", "double_blocks.0.txt_mod.lin",
+                   "single_blocks.0.modulation.lin", "single_blocks.1.modulation.lin"]
+
+
+def block_linear_bytes(model):
+    """Bytes of the block linears' weights and scales in a patched model that was not loaded yet
+    (loading swaps patches into the shared modules); unquantized ones at 2 bytes a weight (bf16:
+    on the CPU ComfyUI holds them in fp32)."""
+    total = 0
+    for name, m in model.model.diffusion_model.named_modules():
+        m = model.object_patches.get(f"diffusion_model.{name}", m)
+        if "blocks." in name and isinstance(m, torch.nn.Linear):
+            if getattr(m, "quant_scheme", None) is None:
+                total += m.weight.numel() * 2
+            else:
+                total += m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * 4
+    return total
+
+
+def linear_ratio(report):
+    return float(re.search(r"all linears: ([0-9.]+)x of bf16", report).group(1))
+
+
+@pytest.mark.parametrize("scheme,partner", [("fp8-w8a8", "fp8-weight-only"), ("int8-w8a8", "int8-weight-only")])
+def test_flux_modulation_runs_weight_only(comfy, archs, baselines, scheme, partner):
+    arch = archs["flux"]
+    model = load_bf16(comfy, arch)
+    on, report_on = quantize(comfy, model, scheme)  # the node default
+    off, report_off = quantize(comfy, model, scheme, quantize_modulation=False)
+    for name in FLUX_MODULATION:
+        q = on.object_patches[f"diffusion_model.{name}"]
+        assert q.quant_scheme.name == partner and q.weight.dtype in (torch.float8_e4m3fn, torch.int8), name
+        assert f"diffusion_model.{name}" not in off.object_patches, name
+        assert type(off.get_model_object(f"diffusion_model.{name}")).__name__ == "Linear"
+    assert "modulation (adaLN)" not in report_off
+    # The modulation linears are 27% of the tiny Flux's block weights, as in Flux-dev.
+    bf16_bytes = block_linear_bytes(model)
+    assert block_linear_bytes(on) / bf16_bytes < 0.52 < 0.6 < block_linear_bytes(off) / bf16_bytes
+    assert linear_ratio(report_on) < linear_ratio(report_off) - 0.05, (report_on, report_off)
+    # Both still match bf16 within the scheme's tolerance.
+    for m in (on, off):
+        err = rel_err(sample(comfy, arch, m), baselines["flux"])
+        assert 0 < err < TOLERANCE[scheme], f"{scheme}: relative error {err:.4f}"
+
+
+def test_fp8_cast_quantizes_flux_modulation(comfy, archs):
+    model = load_bf16(comfy, archs["flux"])
+    cast, report = fp8_cast(comfy, model, "per-tensor")
+    assert "fp8-scaled: 16 layers" in report and "4 modulation (adaLN) layers run fp8-scaled" in report, report
+    assert all(cast.object_patches[f"diffusion_model.{n}"].quant_scheme.name == "fp8-scaled" for n in FLUX_MODULATION)
+    nodes, _ = comfy
+    _, report = nodes.NODE_CLASS_MAPPINGS["QuantDiTLayerwiseFP8Cast"].execute(
+        model=model, scale="per-tensor", quantize_modulation=False).result
+    assert "fp8-scaled: 12 layers" in report, report
 
 
 def test_patched_layers_hold_fp8_or_int8_data(comfy, archs):

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from quant.filters import DEFAULT_FILTER, LayerFilter
+from quant.filters import DEFAULT_FILTER, ENCODER_FILTER, LayerFilter, is_modulation
+from quant.schemes import get_scheme, weight_only_partner
 
 SQUARE = (3072, 3072)
 
@@ -135,3 +136,53 @@ def test_block_word_must_be_a_whole_path_segment():
 ])
 def test_text_stream_layers_count_as_small_m(name, small):
     assert DEFAULT_FILTER.is_small_m(name) is small
+
+
+# Modulation (adaLN) linears inside blocks: Flux / HunyuanVideo (ComfyUI names) and Qwen-Image.
+BLOCK_MODULATION = ["double_blocks.0.img_mod.lin", "double_blocks.18.txt_mod.lin", "single_blocks.3.modulation.lin",
+                    "transformer_blocks.0.img_mod.1", "transformer_blocks.59.txt_mod.1"]
+MOD_FILTER = LayerFilter(quantize_modulation=True)
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+@pytest.mark.parametrize("name", BLOCK_MODULATION)
+def test_quantize_modulation_quantizes_block_modulation(name, prefix):
+    assert is_modulation(prefix + name)
+    assert MOD_FILTER.skip_reason(prefix + name, (18432, 3072)) is None
+    # The default (LightX2V layout, pre-quantized loader) still keeps them.
+    assert "modulation" in DEFAULT_FILTER.skip_reason(prefix + name, (18432, 3072))
+    assert "modulation" in ENCODER_FILTER.skip_reason(prefix + name, (18432, 3072))
+
+
+@pytest.mark.parametrize("name", BLOCK_MODULATION)
+@pytest.mark.parametrize("scheme,runs_as", [
+    ("fp8-w8a8", "fp8-weight-only"), ("int8-w8a8", "int8-weight-only"), ("fp8-block128", "fp8-weight-only"),
+    ("int4-g128", "int4-g128"), ("fp8-weight-only", "fp8-weight-only"), ("int8-weight-only", "int8-weight-only"),
+    ("fp8-scaled", "fp8-scaled")])
+def test_modulation_runs_weight_only(name, scheme, runs_as):
+    s = get_scheme(scheme)
+    weight_only = MOD_FILTER.runs_weight_only(name, s)
+    assert weight_only is s.quantizes_activation
+    assert (weight_only_partner(s) if weight_only else s).name == runs_as
+    assert not DEFAULT_FILTER.runs_weight_only(name, s)
+
+
+@pytest.mark.parametrize("name", ["final_layer.adaLN_modulation.1", "norm_out.linear", "blocks.0.modulation",
+                                  "head.modulation", "final_layer.linear",
+                                  "double_blocks.0.img_norm1", "transformer_blocks.0.norm1.linear"])
+def test_modulation_outside_blocks_and_norms_stay_skipped(name):
+    assert not is_modulation(name)
+    for f in (MOD_FILTER, LayerFilter(quantize_modulation=True, blocks_only=False)):
+        assert f.skip_reason(name, SQUARE) is not None, name
+
+
+def test_quantize_modulation_keeps_the_other_checks():
+    name = "double_blocks.0.img_mod.lin"
+    f = LayerFilter(quantize_modulation=True, extra_skip=("img_mod",))
+    assert "user skip pattern" in f.skip_reason(name, SQUARE)
+    assert "not a multiple of 16" in MOD_FILTER.skip_reason(name, (18440, 3072))
+    # Other layers are unaffected.
+    for n in QUANTIZE:
+        assert MOD_FILTER.skip_reason(n, SQUARE) is None, n
+        assert MOD_FILTER.runs_weight_only(n, get_scheme("fp8-w8a8")) is DEFAULT_FILTER.is_small_m(n), n
+    assert not DEFAULT_FILTER.quantize_modulation and not ENCODER_FILTER.quantize_modulation
