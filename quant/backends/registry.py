@@ -8,7 +8,7 @@ listing every backend's reason.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -29,6 +29,12 @@ class Backend:
     supports: Callable[[Scheme, torch.device], Optional[str]]  # None if it runs, else why not
     linear: LinearFn
     install_hint: str = ""
+    # scheme name -> its rank under "auto" where it differs from `priority` (a provider that is the
+    # best for some schemes and not for others)
+    scheme_priority: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+
+    def rank(self, scheme: Scheme) -> int:
+        return self.scheme_priority.get(scheme.name, self.priority)
 
 
 class NoCapableBackendError(RuntimeError):
@@ -100,7 +106,7 @@ def pick_backend(scheme: Scheme, device: torch.device, preferred: Optional[str] 
             log.warning("QuantDiT: backend %r cannot run %s on %s (%s); using the best available one",
                         preferred, scheme.name, device, why)
     reasons: dict[str, str] = {}
-    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.rank(scheme)):
         why = b.availability() or b.supports(scheme, device)
         if why is None:
             return b

@@ -2,13 +2,14 @@
 
 Set QUANTDIT_EXPECT_BACKENDS (comma list) to the backends that must be available there: a
 missing one fails instead of being left out quietly. The README's GPU command sets it."""
+import gc
 import os
 
 import pytest
 import torch
 
 from quant import reference
-from quant.backends import get_backend, list_backends, pick_backend, why_not
+from quant.backends import get_backend, list_backends, pick_backend, quantized_linear, vllm_backend, why_not
 from quant.kernels import triton_gemm, triton_int4, triton_quant
 from quant.schemes import get_scheme
 
@@ -18,7 +19,7 @@ W8A8 = ["fp8-w8a8", "int8-w8a8", "fp8-block128"]
 ALL = W8A8 + ["int4-g128"]
 SHAPES = [(512, 5120, 5120), (4096, 3072, 12288), (77, 1536, 8960), (333, 384, 256)]
 # backend -> schemes it must run when it is expected here
-_CLAIMED = {"triton": ALL, "vllm": W8A8, "comfy-kitchen": ["int8-w8a8"], "torchao": ["fp8-w8a8"],
+_CLAIMED = {"triton": ALL, "vllm": ALL, "comfy-kitchen": ["int8-w8a8"], "torchao": ["fp8-w8a8"],
             "torch": ["fp8-w8a8"]}
 EXPECTED = [b for b in os.environ.get("QUANTDIT_EXPECT_BACKENDS", "triton").split(",") if b]
 
@@ -102,3 +103,91 @@ def test_auto_choice_on_this_gpu():
     assert picks["fp8-w8a8"] == best and picks["int8-w8a8"] == best
     assert picks["int4-g128"] == "triton" and picks["fp8-weight-only"] == "torch"
     assert picks["fp8-block128"] in ("vllm", "deep-gemm", "triton")
+
+
+# ------------------------------------------------------------------ vLLM's Marlin (int4-g128)
+INT4 = get_scheme("int4-g128")
+
+
+def _need_marlin():
+    why = why_not("vllm", INT4, DEV)
+    if why is not None:
+        if "vllm" in EXPECTED:
+            pytest.fail(f"vllm should run int4-g128 here: {why}")
+        pytest.skip(why)
+
+
+def _int4_case(m, k, n, dtype, seed=0):
+    torch.manual_seed(seed)
+    wq, ws = reference.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, INT4)
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    b = (torch.randn(n, device=DEV) * 0.1).to(dtype)
+    return x, wq, ws, b
+
+
+@pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 13824), (5120, 3072), (5120, 13824)])
+@pytest.mark.parametrize("m", [1, 16, 512, 4096])
+def test_vllm_marlin_int4_matches_reference(m, k, n):
+    _need_marlin()
+    x, wq, ws, b = _int4_case(m, k, n, torch.bfloat16)
+    y = get_backend("vllm").linear(x, wq, ws, b, INT4, k)
+    ref = reference.emulated_linear(x, wq, ws, INT4, b, k)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert cos(y, ref) > 0.9999, cos(y, ref)
+    assert float((y.float() - ref.float()).abs().max()) <= 0.02 * float(ref.float().abs().max())
+
+
+@pytest.mark.parametrize("dtype,bias", [(torch.float16, True), (torch.float16, False), (torch.bfloat16, False),
+                                        (torch.float32, True)])
+@pytest.mark.parametrize("m,k,n", [(77, 1536, 8960), (333, 128, 256)])   # 128 in = one scale group
+def test_vllm_marlin_int4_dtypes_bias_and_one_group(m, k, n, dtype, bias):
+    _need_marlin()
+    x, wq, ws, b = _int4_case(m, k, n, dtype)
+    b = b if bias else None
+    y = get_backend("vllm").linear(x, wq, ws, b, INT4, k)
+    ref = reference.emulated_linear(x, wq, ws, INT4, b, k)
+    assert y.dtype == dtype
+    assert cos(y, ref) > 0.9999, cos(y, ref)
+
+
+def test_vllm_marlin_int4_odd_shapes_fall_back_exactly():
+    _need_marlin()
+    x, wq, ws, b = _int4_case(40, 1000, 200, torch.bfloat16)   # K % 128, N % 64: not Marlin's
+    y = get_backend("vllm").linear(x, wq, ws, b, INT4, 1000)
+    assert torch.equal(y, reference.emulated_linear(x, wq, ws, INT4, b, 1000))
+
+
+def test_vllm_marlin_repacks_once_per_weight(monkeypatch):
+    """The production call (the quantdit::quantized_linear op) reuses the Marlin copy of a weight,
+    repacks after an in-place write, and drops the copy with the weight's memory."""
+    _need_marlin()
+    repacks = []
+    real = torch.ops._C.gptq_marlin_repack
+
+    def counting(*args):
+        repacks.append(args[1:])
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops._C, "gptq_marlin_repack", counting)
+    vllm_backend._MARLIN_CACHE.clear()
+    m, k, n = 512, 5120, 3072
+    x, wq, ws, b = _int4_case(m, k, n, torch.bfloat16)
+
+    def run():
+        return quantized_linear(x, wq, ws, b, INT4.name, k, "vllm")
+
+    y1 = run()
+    views = next(iter(vllm_backend._MARLIN_CACHE.values()))
+    packed = next(iter(views.values()))[1]
+    y2, y3 = run(), run()
+    assert repacks == [(k, n, 4, False)]
+    assert len(vllm_backend._MARLIN_CACHE) == 1 and next(iter(views.values()))[1] is packed
+    assert torch.equal(y1, y2) and torch.equal(y1, y3)
+    _, wq2, _, _ = _int4_case(m, k, n, torch.bfloat16, seed=1)
+    wq.copy_(wq2)                                   # an in-place patch of the same weight
+    y4 = run()
+    assert len(repacks) == 2 and len(vllm_backend._MARLIN_CACHE) == 1
+    assert cos(y4, reference.emulated_linear(x, wq2, ws, INT4, b, k)) > 0.9999
+    del wq, run
+    gc.collect()
+    assert len(vllm_backend._MARLIN_CACHE) == 0

@@ -35,6 +35,8 @@ def fake_gpu(monkeypatch, capability, installed):
         monkeypatch.setitem(registry._BACKENDS, name, dataclasses.replace(b, availability=avail))
     monkeypatch.setattr(vllm_backend.torch.ops._C, "cutlass_scaled_mm_supports_block_fp8",
                         lambda cap: cap >= 90, raising=False)
+    for op in vllm_backend._CUTLASS_OPS + vllm_backend._MARLIN_OPS:  # vLLM's library, registered
+        monkeypatch.setattr(vllm_backend.torch.ops._C, op, lambda *a: None, raising=False)
 
 
 def test_every_backend_is_listed_with_a_reason_on_this_cpu_machine():
@@ -52,9 +54,11 @@ def test_every_backend_is_listed_with_a_reason_on_this_cpu_machine():
     # torch + triton only (what most ComfyUI users have)
     ((9, 0), {"torch", "triton"}, {"fp8-w8a8": "triton", "int8-w8a8": "triton", "fp8-block128": "triton",
                                    "int4-g128": "triton", "fp8-weight-only": "torch"}),
-    # everything installed on Hopper: vLLM's CUTLASS kernels win, DeepGEMM is next for blocks
+    # everything installed on Hopper: vLLM's CUTLASS kernels win, DeepGEMM is next for blocks; int4
+    # stays on Triton (Marlin is faster only on few rows), with vLLM's Marlin next
     ((9, 0), set(ALL_GPU_BACKENDS), {"fp8-w8a8": "vllm", "int8-w8a8": "vllm", "fp8-block128": "vllm",
                                      "int4-g128": "triton"}),
+    ((9, 0), set(ALL_GPU_BACKENDS) - {"triton"}, {"int4-g128": "vllm"}),
     ((9, 0), set(ALL_GPU_BACKENDS) - {"vllm"}, {"fp8-w8a8": "sgl-kernel", "int8-w8a8": "sgl-kernel",
                                                 "fp8-block128": "deep-gemm"}),
     # Ada (sm89): fp8 works, vLLM's block kernel and DeepGEMM are Hopper-only
@@ -62,6 +66,7 @@ def test_every_backend_is_listed_with_a_reason_on_this_cpu_machine():
     # Ampere (sm86): no fp8 tensor cores, int8 still fast
     ((8, 6), {"torch", "triton"}, {"fp8-w8a8": "reference", "int8-w8a8": "triton", "fp8-block128": "reference",
                                    "fp8-scaled": "torch"}),
+    ((8, 6), {"torch", "vllm"}, {"int4-g128": "vllm", "int8-w8a8": "vllm", "fp8-w8a8": "reference"}),
     # Turing (sm75): comfy-kitchen's int8 runs, the Triton int8 GEMM wants sm80
     ((7, 5), {"torch", "triton", "comfy-kitchen"}, {"int8-w8a8": "comfy-kitchen", "int4-g128": "reference"}),
 ])
@@ -76,7 +81,8 @@ def test_auto_choice_with_faked_gpus(monkeypatch, capability, installed, expect)
     ("deep-gemm", "fp8-block128", (8, 9), ["Hopper", "8.9"]),
     ("deep-gemm", "fp8-w8a8", (9, 0), ["only runs fp8-block128"]),
     ("vllm", "fp8-w8a8", (8, 6), ["8.9", "8.6"]),
-    ("vllm", "int4-g128", (9, 0), ["no vLLM kernel"]),
+    ("vllm", "int4-g128", (7, 5), ["8.0", "7.5"]),
+    ("vllm", "fp8-weight-only", (9, 0), ["no vLLM kernel"]),
     ("sgl-kernel", "fp8-block128", (9, 0), ["no sgl-kernel kernel"]),
     ("comfy-kitchen", "fp8-w8a8", (9, 0), ["per-channel"]),
     ("triton", "int8-w8a8", (7, 5), ["8.0", "7.5"]),
