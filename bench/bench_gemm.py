@@ -4,7 +4,15 @@ Each quantized time includes the dynamic activation quantization (what a layer c
 step). Prints ms, the speed ratio to bf16 `x @ w.t()`, and the cosine similarity of the output to
 the bf16 output (the quality target is >= 0.999 for 8-bit W8A8).
 
-    python bench/bench_gemm.py [--models wan14b flux] [--schemes fp8-w8a8 int8-w8a8 ...] [--out FILE]
+Timing (`--timing`):
+- `graph` (default): GPU time. The calls are captured in a CUDA graph that cycles through enough
+  copies of the weights and inputs to overflow the L2 cache, so no call finds its weight cached
+  (in a real step every layer's weight comes from memory). Python launch overhead is left out:
+  in a DiT step the GPU runs far behind the CPU, so it is hidden there.
+- `eager`: triton.testing.do_bench (L2 flushed, launches from Python). At small shapes this
+  measures the launch overhead of Python as much as the kernels.
+
+    python bench/bench_gemm.py [--models wan14b flux few-rows] [--schemes fp8-w8a8 ...] [--timing graph|eager]
 
 Needs a CUDA GPU. vLLM's kernels are used when QUANTDIT_VLLM_LIB points to its library.
 """
@@ -32,14 +40,50 @@ SHAPES = {
     "flux": [("img qkv", 4096, 3072, 9216), ("img proj", 4096, 3072, 3072), ("img mlp.0", 4096, 3072, 12288),
              ("img mlp.2", 4096, 12288, 3072), ("txt qkv", 512, 3072, 9216), ("txt mlp.0", 512, 3072, 12288),
              ("single linear1", 4608, 3072, 21504), ("single linear2", 4608, 15360, 3072)],
+    # Layers the filter runs weight-only: modulation (one row per sample, x2 for cond/uncond),
+    # Wan cross-attn k/v on 512 context tokens, Flux text-stream linears.
+    "few-rows": [("flux img_mod (M=2)", 2, 3072, 18432), ("flux single mod (M=2)", 2, 3072, 9216),
+                 ("wan ctx k/v (M=512)", 512, 5120, 5120), ("flux txt qkv (M=512)", 512, 3072, 9216),
+                 ("flux txt mlp.2 (M=512)", 512, 12288, 3072)],
 }
-SCHEMES = ["fp8-w8a8", "int8-w8a8", "fp8-block128", "int4-g128"]
+SCHEMES = ["fp8-w8a8", "int8-w8a8", "fp8-block128", "int4-g128", "fp8-weight-only", "int8-weight-only"]
 BACKENDS = [b for b in sorted(list_backends(), key=lambda b: -get_backend(b).priority) if b != "reference"]
 
 
-def bench_ms(fn, reps=20):
+L2_OVERFLOW_BYTES = 160 << 20
+
+
+def eager_ms(fn, inputs):
     from triton.testing import do_bench
-    return do_bench(fn, warmup=5, rep=reps * 5, return_mode="median")
+    return do_bench(lambda: fn(*inputs[0]), warmup=5, rep=100, return_mode="median")
+
+
+def graph_ms(fn, inputs, reps=10):
+    """Median ms per call of `fn` replayed from a CUDA graph, cycling through `inputs`."""
+    for args in inputs:  # compile / autotune outside the capture
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for args in inputs:
+                fn(*args)
+    calls = reps * len(inputs)
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def copies_needed(*tensors) -> int:
+    size = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return max(2, min(16, -(-L2_OVERFLOW_BYTES // max(size, 1))))
 
 
 def cos(a, b):
@@ -53,39 +97,53 @@ def own_fp8_gemm(x, qdata, scale, bias, scheme, k):
     return triton_gemm.w8a8_gemm(xq, xs, qdata, scale, bias, x.dtype)
 
 
-def quant_only_rows(x, dev):
+def quant_only_rows(x, dev, timer):
     """The activation quant alone: ours (Triton) and vLLM's where present."""
     from quant.backends import vllm_backend
     from quant.kernels import triton_quant
     out = []
     for dtype in (torch.int8, torch.float8_e4m3fn):
-        out.append((f"triton quant {str(dtype)[6:]}", bench_ms(lambda: triton_quant.per_token_quant(x, dtype))))
+        out.append((f"triton quant {str(dtype)[6:]}", timer(lambda t: triton_quant.per_token_quant(t, dtype), [(x,)])))
         if why_not("vllm", get_scheme("int8-w8a8"), dev) is None:
-            out.append((f"vllm quant {str(dtype)[6:]}", bench_ms(lambda: vllm_backend._per_token(x, dtype))))
+            out.append((f"vllm quant {str(dtype)[6:]}", timer(lambda t: vllm_backend._per_token(t, dtype), [(x,)])))
     return out
 
 
-def no_tma(fn):
-    """The same backend with the Triton GEMM's pre-Hopper (non-TMA) tile loads."""
+def with_flag(fn, name, value):
+    """The same backend with one of the Triton GEMM's switches set (e.g. no persistent kernel)."""
     from quant.kernels import triton_gemm
 
     def run(*args):
-        triton_gemm.USE_TMA = False
+        old = getattr(triton_gemm, name)
+        setattr(triton_gemm, name, value)
         try:
             return fn(*args)
         finally:
-            triton_gemm.USE_TMA = True
+            setattr(triton_gemm, name, old)
     return run
+
+
+def variants_for(scheme, dev):
+    out = [(b, get_backend(b).linear) for b in BACKENDS if why_not(b, scheme, dev) is None]
+    if why_not("triton", scheme, dev) is None:
+        if scheme.name == "fp8-w8a8":
+            out.append(("triton-own-gemm", own_fp8_gemm))
+        if scheme.name in ("fp8-w8a8", "int8-w8a8"):
+            gemm = own_fp8_gemm if scheme.name == "fp8-w8a8" else get_backend("triton").linear
+            out.append(("triton-not-persistent", with_flag(gemm, "PERSISTENT", False)))
+    return out
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="*", default=["wan14b", "flux"])
+    p.add_argument("--models", nargs="*", default=["wan14b", "flux", "few-rows"])
     p.add_argument("--schemes", nargs="*", default=SCHEMES)
+    p.add_argument("--timing", choices=("graph", "eager"), default="graph")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = p.parse_args()
     dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    timer = graph_ms if a.timing == "graph" else eager_ms
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timing: {a.timing}")
     for name, why in list_backends().items():
         print(f"  backend {name:14} {'available' if why is None else 'unavailable: ' + why}")
     rows = []
@@ -95,30 +153,31 @@ def main():
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
             bias = torch.randn(n, device=dev, dtype=torch.bfloat16) * 0.02
+            copies = copies_needed(x, w) if a.timing == "graph" else 1
+            xs = [x] + [torch.randn_like(x) for _ in range(copies - 1)]
             ref = torch.nn.functional.linear(x, w, bias)
-            t_bf16 = bench_ms(lambda: torch.nn.functional.linear(x, w, bias))
-            print(f"\n{model} {label}: M={m} K={k} N={n}  bf16 {t_bf16:.3f} ms "
-                  f"({2 * m * k * n / t_bf16 / 1e9:.0f} TFLOP/s)")
-            for what, t in quant_only_rows(x, dev):
-                print(f"  {what:30} {t:8.3f} ms")
+            ws = [w] + [w.roll(i, 0) for i in range(1, copies)]  # same values, other addresses
+            t_bf16 = timer(lambda xi, wi: torch.nn.functional.linear(xi, wi, bias), list(zip(xs, ws)))
+            print(f"\n{model} {label}: M={m} K={k} N={n}  bf16 {t_bf16:.4f} ms "
+                  f"({2 * m * k * n / t_bf16 / 1e9:.0f} TFLOP/s)", flush=True)
+            for what, t in quant_only_rows(x, dev, timer):
+                print(f"  {what:30} {t:8.4f} ms")
+            del ws
             for scheme_name in a.schemes:
                 scheme = get_scheme(scheme_name)
                 qdata, scale = reference.quantize_weight(w.float(), scheme)
+                qs = [(qdata, scale)] + [(qdata.clone(), scale.clone()) for _ in range(copies - 1)]
                 auto = pick_backend(scheme, dev).name
-                variants = [(b, get_backend(b).linear) for b in BACKENDS if why_not(b, scheme, dev) is None]
-                if scheme_name == "fp8-w8a8" and why_not("triton", scheme, dev) is None:
-                    variants.append(("triton-own-gemm", own_fp8_gemm))
-                if scheme_name == "int8-w8a8" and why_not("triton", scheme, dev) is None:
-                    variants.append(("triton-no-tma", no_tma(get_backend("triton").linear)))
-                for backend, fn in variants:
+                for backend, fn in variants_for(scheme, dev):
                     y = fn(x, qdata, scale, bias, scheme, k)
-                    t = bench_ms(lambda: fn(x, qdata, scale, bias, scheme, k))
+                    t = timer(lambda xi, qi, si: fn(xi, qi, si, bias, scheme, k), [(xi, *q) for xi, q in zip(xs, qs)])
                     row = dict(model=model, layer=label, m=m, k=k, n=n, scheme=scheme_name, backend=backend,
                                auto=backend == auto, ms=t, bf16_ms=t_bf16, speedup=t_bf16 / t, cos=cos(y, ref),
-                               tflops=2 * m * k * n / t / 1e9)
+                               tflops=2 * m * k * n / t / 1e9, timing=a.timing)
                     rows.append(row)
-                    print(f"  {scheme_name:13} {backend:16}{'*' if row['auto'] else ' '} {t:8.3f} ms "
-                          f"{row['speedup']:5.2f}x  {row['tflops']:6.0f} TFLOP/s  cos {row['cos']:.5f}")
+                    print(f"  {scheme_name:16} {backend:22}{'*' if row['auto'] else ' '} {t:8.4f} ms "
+                          f"{row['speedup']:5.2f}x  {row['tflops']:6.0f} TFLOP/s  cos {row['cos']:.5f}", flush=True)
+                del qs
     print("\n* = the backend 'auto' picks. Speed-up = bf16 ms / quantized ms, activation quant included.")
     if a.out:
         with open(a.out, "w") as f:

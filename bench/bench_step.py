@@ -131,9 +131,10 @@ def main():
     rows = [("bf16", ref_t, ref_bytes, 1.0, "-")]
     Quantize = nodes.NODE_CLASS_MAPPINGS["QuantDiTQuantizeModel"]
     for variant in a.variants:
-        scheme, backend = variant.split(":")
-        # The node defaults: modulation linears quantized (weight-only), text streams weight-only under W8A8.
-        q, report = Quantize.execute(model=bf16, scheme=scheme, backend=backend, quantize_modulation=True).result
+        scheme, backend, *flags = variant.split(":")
+        # The node defaults, and `:w8a8-few-rows` for W8A8 on the few-row layers and modulation too.
+        q, report = Quantize.execute(model=bf16, scheme=scheme, backend=backend, quantize_modulation=True,
+                                     keep_small_m_layers="w8a8-few-rows" not in flags).result
         qt, out = step_time(q, inputs, a.reps)
         kernel = [ln.split("kernel: ")[1].rstrip(")") for ln in report.splitlines() if "kernel: " in ln]
         rows.append((variant, qt, linear_bytes(q), _cos(out, ref_out), kernel[0] if kernel else "?"))

@@ -43,6 +43,8 @@ class LayerFilter:
     # Quantize the modulation linears inside the blocks too (weight-only under W8A8, see above).
     # Off by default: LightX2V files keep them in bf16 and its loader expects that.
     quantize_modulation: bool = False
+    # Run the few-row layers above (and quantized modulation) as 8-bit weight-only under W8A8.
+    few_rows_weight_only: bool = True
 
     def skip_reason(self, name: str, shape: tuple[int, ...]) -> Optional[str]:
         """None if the layer should be quantized, else a short reason."""
@@ -68,7 +70,7 @@ class LayerFilter:
         """A W8A8 scheme on a few-row layer runs as 8-bit weight-only there (quant.schemes.
         weight_only_partner): activation quantization would cost more than it saves."""
         few_rows = self.is_small_m(name) or (self.quantize_modulation and is_modulation(name))
-        return scheme.quantizes_activation and few_rows
+        return scheme.quantizes_activation and self.few_rows_weight_only and few_rows
 
 
 DEFAULT_FILTER = LayerFilter()

@@ -1,10 +1,14 @@
 """This pack's own Triton kernels (quant/kernels): the fast path with only torch + triton installed.
 
 - int8 W8A8: Triton per-token quant + Triton GEMM with the dequant fused into its epilogue.
-- fp8 W8A8: Triton per-token quant + cuBLASLt rowwise `torch._scaled_mm` (the fastest fp8 GEMM
-  with torch alone); the Triton fp8 GEMM is used where `_scaled_mm` cannot take the shape.
+- fp8 W8A8: Triton per-token quant + cuBLASLt rowwise `torch._scaled_mm`; the Triton fp8 GEMM
+  where `_scaled_mm` cannot take the shape. (The Triton GEMM with Hopper's fast fp8 accumulation
+  beats `_scaled_mm`, but drifts over long K; with the accumulation kept exact it is slower.)
 - fp8 block-128: Triton 1x128 group quant + Triton block-scaled GEMM.
 - int4 g128 weight-only: Triton unpack/dequant into a per-call bf16 weight + cuBLAS.
+- 8-bit weight-only (int8, fp8 e4m3/e5m2, per channel or per tensor): a Triton GEMM that widens
+  the weight tile in registers, up to WEIGHT_ONLY_KERNEL_MAX_ROWS tokens; beyond that the GEMM is
+  compute-bound and a per-call bf16 weight + cuBLAS is faster.
 """
 from __future__ import annotations
 
@@ -17,13 +21,17 @@ from ..schemes import Scheme
 from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
 # scheme -> minimum compute capability of the kernel used for it
-_MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9), "fp8-block128": (8, 9), "int4-g128": (8, 0)}
+_MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9), "fp8-block128": (8, 9), "int4-g128": (8, 0),
+                   "int8-weight-only": (8, 0), "fp8-weight-only": (8, 9), "fp8-scaled": (8, 9),
+                   "fp8-e5m2-weight-only": (8, 9), "fp8-e5m2-scaled": (8, 9)}
+_WEIGHT_ONLY_8BIT = {"int8-weight-only", "fp8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only", "fp8-e5m2-scaled"}
+WEIGHT_ONLY_KERNEL_MAX_ROWS = 2048
 
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    from ..kernels import triton_gemm, triton_int4, triton_quant
-    return triton_quant, triton_gemm, triton_int4
+    from ..kernels import triton_gemm, triton_int4, triton_quant, triton_weight_only
+    return triton_quant, triton_gemm, triton_int4, triton_weight_only
 
 
 def _availability():
@@ -41,8 +49,14 @@ def _scaled_mm_ok(xq: torch.Tensor, n: int) -> bool:
 
 
 def _linear(x2d, qdata, scale, bias, scheme, in_features):
-    quant, gemm, int4 = _kernels()
+    quant, gemm, int4, weight_only = _kernels()
     out_dtype = x2d.dtype
+    if scheme.name in _WEIGHT_ONLY_8BIT:
+        b = None if bias is None else bias.to(out_dtype)
+        if out_dtype in (torch.bfloat16, torch.float16) and x2d.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS:
+            return weight_only.weight_only_gemm(x2d, qdata, scale, b)
+        w = qdata.to(out_dtype) * scale.to(out_dtype)  # [out, 1] or one scale broadcasts
+        return torch.nn.functional.linear(x2d, w, b)
     if scheme.name == "int8-w8a8":
         xq, xs = quant.per_token_quant(x2d, torch.int8)
         return gemm.w8a8_gemm(xq, xs, qdata, scale, bias, out_dtype)

@@ -135,7 +135,10 @@ def _w8a8_tma_kernel(a_desc, b_desc, y_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([off_m, k * BLOCK_K])
         b = b_desc.load([off_n, k * BLOCK_K])
-        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
+        if IS_INT:
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        else:  # see _w8a8_persistent_kernel
+            acc += tl.dot(a, b.T)
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
     a_s = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
@@ -144,7 +147,55 @@ def _w8a8_tma_kernel(a_desc, b_desc, y_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M
     _epilogue(out, y_ptr, bias_ptr, offs_m, offs_n, M, N, stride_y, HAS_BIAS)
 
 
+@triton.jit
+def _w8a8_persistent_kernel(a_desc, b_desc, y_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET,
+                            HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr, NUM_SMS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
+    # Hopper, persistent: one program per SM walks the output tiles, so the loads of the next tile
+    # overlap the epilogue of this one (the flattened loop is pipelined across tile boundaries).
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    per_group = GROUP_M * tiles_n
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=True):
+        first_m = (tile // per_group) * GROUP_M
+        size_m = min(tiles_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % per_group) % size_m) * BLOCK_M
+        off_n = ((tile % per_group) // size_m) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+        for k in range(k_steps):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            b = b_desc.load([off_n, k * BLOCK_K])
+            if IS_INT:
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            else:
+                # Hopper's fp8 MMA accumulates with a shortened mantissa: each K step gets its own
+                # MMA sum, added to the fp32 accumulator (as cuBLAS and DeepGEMM do), or long
+                # K sums drift (1% of the output range at K=15360).
+                acc += tl.dot(a, b.T)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        out = acc.to(tl.float32) * tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        out = out * tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        out = out.to(y_desc.dtype)
+        if SPLIT_EPILOGUE:  # two half-width stores: half the shared memory for the output tile
+            left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            y_desc.store([off_m, off_n], left)
+            y_desc.store([off_m, off_n + BLOCK_N // 2], right)
+        else:
+            y_desc.store([off_m, off_n], out)
+
+
 USE_TMA = os.environ.get("QUANTDIT_TRITON_TMA", "1") != "0"  # escape hatch, and for benchmarks
+PERSISTENT = os.environ.get("QUANTDIT_TRITON_PERSISTENT", "1") != "0"
+INTERPRET_TMA = False  # tests set it to run the Hopper (TMA) kernels in Triton's CPU interpreter
+
+
+def _y_desc_ok(y: torch.Tensor) -> bool:
+    return y.stride(0) * y.element_size() % 16 == 0 and y.data_ptr() % 16 == 0
 
 
 def _set_tma_blocks(nargs):
@@ -157,9 +208,15 @@ def _tma_configs():
             for c in _configs()]
 
 
-def _tma_ready(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+def hopper_ready(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+    """The Hopper kernels (TMA, persistent) can take these operands."""
+    if _tensor_descriptor() is None:
+        return False
     # Device TMA: Hopper or newer, row pitches 16-byte aligned.
-    if not USE_TMA or interpreted() or not xq.is_cuda or torch.cuda.get_device_capability(xq.device) < (9, 0):
+    if interpreted():
+        if not (USE_TMA and INTERPRET_TMA):
+            return False
+    elif not USE_TMA or not xq.is_cuda or torch.cuda.get_device_capability(xq.device) < (9, 0):
         return False
     return xq.stride(0) % 16 == 0 and wq.stride(0) % 16 == 0 and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0
 
@@ -173,7 +230,30 @@ def _tensor_descriptor():
         return None
 
 
+def _set_persistent_blocks(nargs):
+    _set_tma_blocks(nargs)
+    split = 2 if nargs["SPLIT_EPILOGUE"] else 1
+    nargs["y_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"] // split]
+
+
+def _persistent_configs():
+    out = []
+    for bm, bn, warps, stages, split in ((128, 256, 8, 3, True), (128, 256, 8, 4, True), (256, 128, 8, 3, True),
+                                         (128, 128, 8, 4, False), (128, 128, 4, 4, False), (128, 128, 4, 5, False),
+                                         (64, 128, 4, 5, False)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "SPLIT_EPILOGUE": split},
+                                 num_warps=warps, num_stages=stages, pre_hook=_set_persistent_blocks))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 _w8a8_tma_tuned = triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(_w8a8_tma_kernel)
+_w8a8_persistent_tuned = triton.autotune(configs=_persistent_configs(),
+                                        key=["M_BUCKET", "N", "K", "IS_INT"])(_w8a8_persistent_kernel)
 _w8a8_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(_w8a8_kernel)
 _block_tuned = triton.autotune(configs=_block_configs(), key=["M_BUCKET", "N", "K"])(_block_fp8_kernel)
 _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 4}
@@ -206,6 +286,19 @@ def _launch(tuned, plain, m, n, *args, **meta):
         tuned[_grid(m, n)](*args, **meta)
 
 
+def _persistent(a_desc, b_desc, y_desc, a_s, b_s, bias, m, n, k, **meta):
+    if interpreted():  # the CPU interpreter: a few "SMs" and one small tile, so tiles wrap around
+        sms, tile = 3, dict(_INTERPRETER_TILE, SPLIT_EPILOGUE=True)
+        a_desc.block_shape, b_desc.block_shape = [32, 128], [32, 128]
+        y_desc.block_shape = [32, 16]
+        _w8a8_persistent_kernel[(sms,)](a_desc, b_desc, y_desc, a_s, b_s, bias, m, n, k, _m_bucket(m),
+                                        NUM_SMS=sms, **meta, **tile)
+        return
+    sms = _sm_count(a_s.device.index if a_s.device.index is not None else torch.cuda.current_device())
+    grid = lambda cfg: (min(sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)  # noqa: E731
+    _w8a8_persistent_tuned[grid](a_desc, b_desc, y_desc, a_s, b_s, bias, m, n, k, _m_bucket(m), NUM_SMS=sms, **meta)
+
+
 def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """xq [M, K], x_scale [M, 1]; wq [N, K], w_scale [N, 1] (int8 or float8_e4m3fn) -> [M, N] out_dtype."""
@@ -219,11 +312,21 @@ def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
         b_s = b_s.expand(n).contiguous()
     bias_arg = bias.contiguous() if bias is not None else y
     desc = _tensor_descriptor()
-    if desc is not None and _tma_ready(xq, wq):
+    if hopper_ready(xq, wq):
         a_desc = desc(xq, [m, k], [xq.stride(0), 1], [128, 128])   # block shapes set per config
         b_desc = desc(wq, [n, k], [wq.stride(0), 1], [128, 128])
+        if PERSISTENT and _y_desc_ok(y):
+            _persistent(a_desc, b_desc, desc(y, [m, n], [y.stride(0), 1], [128, 128]), a_s, b_s, bias_arg,
+                        m, n, k, HAS_BIAS=bias is not None, IS_INT=is_int)
+            return y
+        if interpreted():
+            a_desc.block_shape, b_desc.block_shape = [32, 128], [32, 128]
+            _w8a8_tma_kernel[_grid(m, n)(_INTERPRETER_TILE)](
+                a_desc, b_desc, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m), y.stride(0),
+                HAS_BIAS=bias is not None, IS_INT=is_int, **_INTERPRETER_TILE)
+            return y
         _w8a8_tma_tuned[_grid(m, n)](a_desc, b_desc, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m), y.stride(0),
-                              HAS_BIAS=bias is not None, IS_INT=is_int)
+                                     HAS_BIAS=bias is not None, IS_INT=is_int)
         return y
     _launch(_w8a8_tuned, _w8a8_kernel, m, n, xq, wq, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m),
             xq.stride(0), wq.stride(0), y.stride(0),

@@ -10,7 +10,7 @@ import torch
 
 from quant import reference
 from quant.backends import get_backend, list_backends, pick_backend, quantized_linear, vllm_backend, why_not
-from quant.kernels import triton_gemm, triton_int4, triton_quant
+from quant.kernels import triton_gemm, triton_int4, triton_quant, triton_weight_only
 from quant.schemes import get_scheme
 
 pytestmark = pytest.mark.gpu
@@ -70,6 +70,39 @@ def test_triton_own_w8a8_gemm_matches_reference(scheme_name, m, k, n):
     assert float((y.float() - ref.float()).abs().max()) <= 0.01 * float(ref.float().abs().max())
 
 
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
+@pytest.mark.parametrize("m,k,n", [(2, 3072, 18432), (4608, 15360, 3072), (32760, 5120, 5120)])
+def test_triton_hopper_kernels_match_reference(monkeypatch, persistent, scheme_name, m, k, n):
+    monkeypatch.setattr(triton_gemm, "PERSISTENT", persistent)
+    scheme = get_scheme(scheme_name)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    wq, ws = reference.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, scheme)
+    xq, xs = reference.quantize_activation(x, scheme)
+    y = triton_gemm.w8a8_gemm(xq, xs, wq, ws, None, torch.bfloat16)
+    ref = reference.emulated_linear(x, wq, ws, scheme, None, k)
+    assert cos(y, ref) > 0.99999
+    assert float((y.float() - ref.float()).abs().max()) <= 0.01 * float(ref.float().abs().max())
+
+
+@pytest.mark.parametrize("scheme_name", ["int8-weight-only", "fp8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only"])
+@pytest.mark.parametrize("m,k,n", [(1, 3072, 18432), (2, 3072, 9216), (3, 5120, 5120), (512, 12288, 3072),
+                                   (2048, 3072, 3072), (4096, 3072, 3072)])
+def test_triton_weight_only_matches_reference(scheme_name, m, k, n):
+    # Rows 1-4: the GEMV kernel; up to 2048 the MMA kernel; beyond, widened weight + cuBLAS.
+    scheme = get_scheme(scheme_name)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    wq, ws = reference.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, scheme)
+    b = torch.randn(n, device=DEV, dtype=torch.bfloat16) * 0.1
+    y = get_backend("triton").linear(x, wq, ws, b, scheme, k)
+    ref = reference.emulated_linear(x, wq, ws, scheme, b, k)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert cos(y, ref) > 0.99999, cos(y, ref)
+    assert float((y.float() - ref.float()).abs().max()) <= 0.01 * float(ref.float().abs().max())
+    if m <= 2048:  # the kernel itself (not the cuBLAS fallback) ran
+        assert torch.equal(y, triton_weight_only.weight_only_gemm(x, wq, ws, b))
+
+
 @pytest.mark.parametrize("backend", ["triton", "vllm", "comfy-kitchen", "sgl-kernel", "torchao", "deep-gemm", "torch"])
 @pytest.mark.parametrize("scheme_name", ALL)
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -101,7 +134,7 @@ def test_auto_choice_on_this_gpu():
     print(picks)
     best = "vllm" if "vllm" in EXPECTED else "triton"
     assert picks["fp8-w8a8"] == best and picks["int8-w8a8"] == best
-    assert picks["int4-g128"] == "triton" and picks["fp8-weight-only"] == "torch"
+    assert picks["int4-g128"] == "triton" and picks["fp8-weight-only"] == "triton"
     assert picks["fp8-block128"] in ("vllm", "deep-gemm", "triton")
 
 

@@ -186,3 +186,13 @@ def test_quantize_modulation_keeps_the_other_checks():
         assert MOD_FILTER.skip_reason(n, SQUARE) is None, n
         assert MOD_FILTER.runs_weight_only(n, get_scheme("fp8-w8a8")) is DEFAULT_FILTER.is_small_m(n), n
     assert not DEFAULT_FILTER.quantize_modulation and not ENCODER_FILTER.quantize_modulation
+
+
+def test_few_rows_weight_only_off_keeps_w8a8_everywhere():
+    from quant.schemes import get_scheme
+    on = LayerFilter(quantize_modulation=True)
+    off = LayerFilter(quantize_modulation=True, few_rows_weight_only=False)
+    w8a8 = get_scheme("fp8-w8a8")
+    for name in ("double_blocks.0.txt_mlp.0", "blocks.3.cross_attn.k", "double_blocks.0.img_mod.lin"):
+        assert on.runs_weight_only(name, w8a8) and not off.runs_weight_only(name, w8a8), name
+    assert off.skip_reason("double_blocks.0.img_mod.lin", (18432, 3072)) is None

@@ -53,7 +53,8 @@ def test_every_backend_is_listed_with_a_reason_on_this_cpu_machine():
 @pytest.mark.parametrize("capability,installed,expect", [
     # torch + triton only (what most ComfyUI users have)
     ((9, 0), {"torch", "triton"}, {"fp8-w8a8": "triton", "int8-w8a8": "triton", "fp8-block128": "triton",
-                                   "int4-g128": "triton", "fp8-weight-only": "torch"}),
+                                   "int4-g128": "triton", "fp8-weight-only": "triton",
+                                   "int8-weight-only": "triton", "fp8-e5m2-scaled": "triton"}),
     # everything installed on Hopper: vLLM's CUTLASS kernels win, DeepGEMM is next for blocks; int4
     # stays on Triton (Marlin is faster only on few rows), with vLLM's Marlin next
     ((9, 0), set(ALL_GPU_BACKENDS), {"fp8-w8a8": "vllm", "int8-w8a8": "vllm", "fp8-block128": "vllm",
@@ -65,7 +66,7 @@ def test_every_backend_is_listed_with_a_reason_on_this_cpu_machine():
     ((8, 9), set(ALL_GPU_BACKENDS) - {"sgl-kernel"}, {"fp8-w8a8": "vllm", "fp8-block128": "triton"}),
     # Ampere (sm86): no fp8 tensor cores, int8 still fast
     ((8, 6), {"torch", "triton"}, {"fp8-w8a8": "reference", "int8-w8a8": "triton", "fp8-block128": "reference",
-                                   "fp8-scaled": "torch"}),
+                                   "fp8-scaled": "torch", "int8-weight-only": "triton"}),
     ((8, 6), {"torch", "vllm"}, {"int4-g128": "vllm", "int8-w8a8": "vllm", "fp8-w8a8": "reference"}),
     # Turing (sm75): comfy-kitchen's int8 runs, the Triton int8 GEMM wants sm80
     ((7, 5), {"torch", "triton", "comfy-kitchen"}, {"int8-w8a8": "comfy-kitchen", "int4-g128": "reference"}),
@@ -86,7 +87,8 @@ def test_auto_choice_with_faked_gpus(monkeypatch, capability, installed, expect)
     ("sgl-kernel", "fp8-block128", (9, 0), ["no sgl-kernel kernel"]),
     ("comfy-kitchen", "fp8-w8a8", (9, 0), ["per-channel"]),
     ("triton", "int8-w8a8", (7, 5), ["8.0", "7.5"]),
-    ("triton", "fp8-weight-only", (9, 0), ["no Triton kernel"]),
+    ("triton", "fp8-weight-only", (8, 6), ["8.9", "8.6"]),
+    ("triton", "none", (9, 0), ["no Triton kernel"]),
 ])
 def test_unsupported_combinations_say_why(monkeypatch, name, scheme, capability, words):
     fake_gpu(monkeypatch, capability, set(ALL_GPU_BACKENDS))

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from quant import reference
 from quant.backends import get_backend
-from quant.kernels import triton_gemm, triton_int4, triton_quant
+from quant.kernels import triton_gemm, triton_int4, triton_quant, triton_weight_only
 from quant.schemes import get_scheme
 
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -98,6 +98,47 @@ def test_w8a8_gemm_equals_reference(scheme_name, m, k, n, bias):
     _bf16_close(y, reference.emulated_linear(x, wq, ws, scheme, b, k))
 
 
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
+@pytest.mark.parametrize("m,k,n", [(70, 256, 96), (33, 272, 48)])  # more tiles than programs; ragged K
+def test_w8a8_hopper_kernels_equal_reference(monkeypatch, persistent, scheme_name, m, k, n):
+    # The TMA kernels (plain and persistent) run on sm90; on CPU the interpreter runs them when asked.
+    monkeypatch.setattr(triton_gemm, "INTERPRET_TMA", True)
+    monkeypatch.setattr(triton_gemm, "PERSISTENT", persistent)
+    scheme = get_scheme(scheme_name)
+    x = _x(m, k)
+    wq, ws = reference.quantize_weight(_x(n, k, torch.float32, 1), scheme)
+    b = _x(1, n, seed=2)[0]
+    xq, xs = reference.quantize_activation(x, scheme)
+    y = triton_gemm.w8a8_gemm(xq, xs, wq, ws, b, torch.bfloat16)
+    _bf16_close(y, reference.emulated_linear(x, wq, ws, scheme, b, k))
+
+
+WEIGHT_ONLY = ["int8-weight-only", "fp8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only", "fp8-e5m2-scaled"]
+
+
+@pytest.mark.parametrize("scheme_name", WEIGHT_ONLY)
+@pytest.mark.parametrize("m,k,n", [(1, 384, 70), (3, 300, 40), (37, 300, 70), (64, 256, 96)])  # GEMV and MMA
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_only_gemm_equals_reference(scheme_name, m, k, n, bias):
+    scheme = get_scheme(scheme_name)
+    x = _x(m, k)
+    wq, ws = reference.quantize_weight(_x(n, k, torch.float32, 1), scheme)
+    b = _x(1, n, seed=2)[0] if bias else None
+    y = triton_weight_only.weight_only_gemm(x, wq, ws, b)
+    _bf16_close(y, reference.emulated_linear(x, wq, ws, scheme, b, k))
+
+
+def test_weight_only_gemm_refuses_bad_input():
+    wq, ws = reference.quantize_weight(_x(32, 128, torch.float32, 1), get_scheme("int8-weight-only"))
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        triton_weight_only.weight_only_gemm(_x(2, 128, torch.float32), wq, ws, None)
+    with pytest.raises(ValueError, match="do not match"):
+        triton_weight_only.weight_only_gemm(_x(2, 64), wq, ws, None)
+    with pytest.raises(ValueError, match="scale"):
+        triton_weight_only.weight_only_gemm(_x(2, 128), wq, ws[:5], None)
+
+
 def test_w8a8_gemm_float32_output_and_shape_errors():
     scheme = get_scheme("int8-w8a8")
     x = _x(16, 256, torch.float32)
@@ -143,7 +184,7 @@ def test_int4_dequant_equals_reference(n, k, dtype):
 
 
 # ------------------------------------------------------------------ the backend as the loader calls it
-@pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8", "fp8-block128", "int4-g128"])
+@pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8", "fp8-block128", "int4-g128", *WEIGHT_ONLY])
 def test_triton_backend_linear_matches_reference(scheme_name):
     scheme = get_scheme(scheme_name)
     x = _x(24, 384)
@@ -160,4 +201,4 @@ def test_triton_backend_linear_matches_reference(scheme_name):
 def test_triton_backend_refuses_schemes_it_has_no_kernel_for():
     with pytest.raises(ValueError, match="no kernel"):
         get_backend("triton").linear(_x(2, 128), torch.zeros(4, 128), torch.ones(4, 1), None,
-                                     get_scheme("fp8-weight-only"), 128)
+                                     get_scheme("none"), 128)
