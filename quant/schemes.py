@@ -132,7 +132,7 @@ for _name, _scheme, _backend in [
     ("W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Sgl", "fp8-w8a8", "sgl"),
     ("W-int8-channel-sym-A-int8-channel-sym-dynamic-Sgl", "int8-w8a8", "sgl"),
     ("W-int8-channel-sym-A-int8-channel-sym-dynamic-Torchao", "int8-w8a8", "torchao"),
-    ("W-int4-group128-sym-Marlin", "int4-g128", "marlin"),
+    ("W-int4-group128-sym-Marlin", "int4-g128", "vllm"),
 ]:
     register_alias(_name, _scheme, _backend, _LIGHTX2V_MM)
 
@@ -140,7 +140,7 @@ for _name, _scheme, _backend in [
     ("fp8-vllm", "fp8-w8a8", "vllm"), ("int8-vllm", "int8-w8a8", "vllm"),
     ("fp8-sgl", "fp8-w8a8", "sgl"), ("int8-sgl", "int8-w8a8", "sgl"),
     ("fp8-q8f", "fp8-w8a8", "q8f"), ("int8-q8f", "int8-w8a8", "q8f"),
-    ("int8-torchao", "int8-w8a8", "torchao"), ("int4-g128-marlin", "int4-g128", "marlin"),
+    ("int8-torchao", "int8-w8a8", "torchao"), ("int4-g128-marlin", "int4-g128", "vllm"),
     ("fp8-b128-deepgemm", "fp8-block128", "deepgemm"),
 ]:
     register_alias(_name, _scheme, _backend, _LIGHTX2V_DIT)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
+from .triton_gemm import _m_bucket
 
 
 def _configs():
@@ -119,10 +120,6 @@ GEMV_MAX_ROWS = 4
 _tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "PER_TENSOR"],
                          prune_configs_by={"early_config_prune": _fitting})(_weight_only_kernel)
 _INTERPRETER_TILE = {"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_K": 128}
-
-
-def _m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 16)), 1 << 16)
 
 
 def weight_only_gemm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,

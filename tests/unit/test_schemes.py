@@ -25,7 +25,7 @@ LIGHTX2V_MM = {
     "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Sgl": ("fp8-w8a8", "sgl"),
     "W-int8-channel-sym-A-int8-channel-sym-dynamic-Sgl": ("int8-w8a8", "sgl"),
     "W-int8-channel-sym-A-int8-channel-sym-dynamic-Torchao": ("int8-w8a8", "torchao"),
-    "W-int4-group128-sym-Marlin": ("int4-g128", "marlin"),
+    "W-int4-group128-sym-Marlin": ("int4-g128", "vllm"),
 }
 
 LIGHTX2V_DIT = {
@@ -36,7 +36,7 @@ LIGHTX2V_DIT = {
     "fp8-q8f": ("fp8-w8a8", "q8f"),
     "int8-q8f": ("int8-w8a8", "q8f"),
     "int8-torchao": ("int8-w8a8", "torchao"),
-    "int4-g128-marlin": ("int4-g128", "marlin"),
+    "int4-g128-marlin": ("int4-g128", "vllm"),
     "fp8-b128-deepgemm": ("fp8-block128", "deepgemm"),
 }
 
@@ -175,7 +175,7 @@ def test_list_aliases_filters_by_namespace():
     ("FP8-VLLM", ("fp8-w8a8", "vllm")),
     ("Int8-Sgl", ("int8-w8a8", "sgl")),
     ("w-fp8-channel-sym-a-fp8-channel-sym-dynamic-vllm", ("fp8-w8a8", "vllm")),
-    ("W-INT4-GROUP128-SYM-MARLIN", ("int4-g128", "marlin")),
+    ("W-INT4-GROUP128-SYM-MARLIN", ("int4-g128", "vllm")),
     ("default", ("none", None)),
     ("FP8-Dynamic", ("fp8-w8a8", None)),
     ("INT8", ("int8-weight-only", None)),
