@@ -45,6 +45,11 @@ class Scheme:
     def is_quantized(self) -> bool:
         return self.weight_format != NONE
 
+    @property
+    def is_8bit_weight_only(self) -> bool:
+        """int8 / fp8 weights with high-precision activations (upcast or widened in the GEMM)."""
+        return self.weight_format in (INT8, FP8_E4M3, FP8_E5M2) and not self.quantizes_activation
+
     def __post_init__(self):
         if self.weight_format not in (FP8_E4M3, FP8_E5M2, INT8, INT4, NONE):
             raise ValueError(f"scheme {self.name}: unknown weight format {self.weight_format!r}")

@@ -9,11 +9,10 @@ from ..schemes import Scheme, get_scheme
 from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
 _FP8 = get_scheme("fp8-w8a8")
-_WEIGHT_ONLY = {"fp8-weight-only", "int8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only", "fp8-e5m2-scaled"}
 
 
 def _supports(scheme: Scheme, device: torch.device):
-    need = (8, 9) if scheme.name == "fp8-w8a8" else (0, 0) if scheme.name in _WEIGHT_ONLY else None
+    need = (8, 9) if scheme.name == "fp8-w8a8" else (0, 0) if scheme.is_8bit_weight_only else None
     return capability_reason(scheme, device, cuda_capability(device), need, "torch-native")
 
 
@@ -27,6 +26,11 @@ def per_token_fp8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _linear(x2d, qdata, scale, bias, scheme, in_features):
     if scheme.name == "fp8-w8a8":
         return _fp8_rowwise(x2d, qdata, scale, bias)
+    return upcast_linear(x2d, qdata, scale, bias)
+
+
+def upcast_linear(x2d, qdata, scale, bias):
+    """8-bit weight-only: the weight widened to the activation dtype for this call, then cuBLAS."""
     w = qdata.to(x2d.dtype) * scale.to(x2d.dtype)  # [out,1] or scalar scale broadcasts
     return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
 

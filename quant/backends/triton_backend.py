@@ -19,12 +19,12 @@ import torch
 from ..kernels import interpreted, triton_missing
 from ..schemes import Scheme
 from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
+from .torch_native import upcast_linear
 
 # scheme -> minimum compute capability of the kernel used for it
 _MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9), "fp8-block128": (8, 9), "int4-g128": (8, 0),
                    "int8-weight-only": (8, 0), "fp8-weight-only": (8, 9), "fp8-scaled": (8, 9),
                    "fp8-e5m2-weight-only": (8, 9), "fp8-e5m2-scaled": (8, 9)}
-_WEIGHT_ONLY_8BIT = {"int8-weight-only", "fp8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only", "fp8-e5m2-scaled"}
 WEIGHT_ONLY_KERNEL_MAX_ROWS = 2048
 
 
@@ -51,12 +51,10 @@ def _scaled_mm_ok(xq: torch.Tensor, n: int) -> bool:
 def _linear(x2d, qdata, scale, bias, scheme, in_features):
     quant, gemm, int4, weight_only = _kernels()
     out_dtype = x2d.dtype
-    if scheme.name in _WEIGHT_ONLY_8BIT:
-        b = None if bias is None else bias.to(out_dtype)
+    if scheme.is_8bit_weight_only:
         if out_dtype in (torch.bfloat16, torch.float16) and x2d.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS:
-            return weight_only.weight_only_gemm(x2d, qdata, scale, b)
-        w = qdata.to(out_dtype) * scale.to(out_dtype)  # [out, 1] or one scale broadcasts
-        return torch.nn.functional.linear(x2d, w, b)
+            return weight_only.weight_only_gemm(x2d, qdata, scale, None if bias is None else bias.to(out_dtype))
+        return upcast_linear(x2d, qdata, scale, bias)
     if scheme.name == "int8-w8a8":
         xq, xs = quant.per_token_quant(x2d, torch.int8)
         return gemm.w8a8_gemm(xq, xs, qdata, scale, bias, out_dtype)

@@ -208,7 +208,7 @@ def _tma_configs():
             for c in _configs()]
 
 
-def hopper_ready(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+def _hopper_ready(xq: torch.Tensor, wq: torch.Tensor) -> bool:
     """The Hopper kernels (TMA, persistent) can take these operands."""
     if _tensor_descriptor() is None:
         return False
@@ -312,7 +312,7 @@ def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
         b_s = b_s.expand(n).contiguous()
     bias_arg = bias.contiguous() if bias is not None else y
     desc = _tensor_descriptor()
-    if hopper_ready(xq, wq):
+    if _hopper_ready(xq, wq):
         a_desc = desc(xq, [m, k], [xq.stride(0), 1], [128, 128])   # block shapes set per config
         b_desc = desc(wq, [n, k], [wq.stride(0), 1], [128, 128])
         if PERSISTENT and _y_desc_ok(y):

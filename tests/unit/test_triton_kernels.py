@@ -89,6 +89,10 @@ def test_per_group_fp8_quant_equals_reference(m, k):
 @pytest.mark.parametrize("m,k,n", [(1, 128, 64), (37, 300, 70), (64, 256, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_w8a8_gemm_equals_reference(scheme_name, m, k, n, bias):
+    _check_w8a8_gemm(scheme_name, m, k, n, bias)
+
+
+def _check_w8a8_gemm(scheme_name, m, k, n, bias):
     scheme = get_scheme(scheme_name)
     x = _x(m, k)
     wq, ws = reference.quantize_weight(_x(n, k, torch.float32, 1), scheme)
@@ -105,13 +109,7 @@ def test_w8a8_hopper_kernels_equal_reference(monkeypatch, persistent, scheme_nam
     # The TMA kernels (plain and persistent) run on sm90; on CPU the interpreter runs them when asked.
     monkeypatch.setattr(triton_gemm, "INTERPRET_TMA", True)
     monkeypatch.setattr(triton_gemm, "PERSISTENT", persistent)
-    scheme = get_scheme(scheme_name)
-    x = _x(m, k)
-    wq, ws = reference.quantize_weight(_x(n, k, torch.float32, 1), scheme)
-    b = _x(1, n, seed=2)[0]
-    xq, xs = reference.quantize_activation(x, scheme)
-    y = triton_gemm.w8a8_gemm(xq, xs, wq, ws, b, torch.bfloat16)
-    _bf16_close(y, reference.emulated_linear(x, wq, ws, scheme, b, k))
+    _check_w8a8_gemm(scheme_name, m, k, n, bias=True)
 
 
 WEIGHT_ONLY = ["int8-weight-only", "fp8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only", "fp8-e5m2-scaled"]
