@@ -4,6 +4,7 @@ own `fp8_e4m3fn_fast` weight dtype, and this pack's schemes, side by side in one
     python bench/bench_step.py --model wan14b     # Wan 2.1 14B architecture, 832x480x81 (32760 tokens)
     python bench/bench_step.py --model flux       # Flux architecture, 1024x1024 (4096 + 512 tokens)
     python bench/bench_step.py --model wan1.3b --variants fp8-w8a8:auto int8-w8a8:triton
+    python bench/bench_step.py --model flux --profile 12   # + where each variant's GPU time goes
 
 Variants are SCHEME:BACKEND (the Quantize Model node's two widgets). Prints the step time, the
 ratio to bf16 and to ComfyUI fp8_e4m3fn_fast, DiT block linear-weight memory vs bf16, and the cosine
@@ -92,6 +93,39 @@ def step_time(model, inputs, reps):
     return times[len(times) // 2], out.float()
 
 
+def profile_step(model, inputs, top):
+    """Prints the GPU kernels of one denoiser call by total time, and how busy the GPU was: a
+    GPU idle for much of the wall time means the step waits on Python, not on kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    sigma = torch.tensor([0.7], device=inputs["x"].device)
+    kwargs = {k: v for k, v in inputs.items() if k != "x"}
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.model.apply_model(inputs["x"], sigma, **kwargs)
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels)
+    print(f"    profiled: wall {wall_us / 1000:.1f} ms, GPU kernels {busy / 1000:.1f} ms "
+          f"({busy / wall_us:.0%} busy), {sum(e.count for e in kernels)} launches")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"    {e.self_device_time_total / 1000:8.2f} ms {e.count:5}x  {e.key[:110]}")
+    # The host side: the Python functions the step spends its own time in.
+    import cProfile
+    import io
+    import pstats
+    host = cProfile.Profile()
+    with torch.inference_mode():
+        host.enable()
+        model.model.apply_model(inputs["x"], sigma, **kwargs)
+        host.disable()
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(top)
+    print("    host: " + "\n    ".join(ln for ln in text.getvalue().splitlines()[4:] if ln.strip()))
+
+
 def linear_bytes(model):
     """Bytes of the transformer blocks' linear weights (+ scales), patched modules and the
     modulation linears (`img_mod.lin`, `modulation.lin`) included."""
@@ -115,6 +149,8 @@ def main():
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--variants", nargs="*", default=VARIANTS)
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="also profile one step per variant and print its TOP kernels")
     a = p.parse_args()
     flux = a.model == "flux"
     a.height = a.height or (1024 if flux else 480)
@@ -128,6 +164,8 @@ def main():
     bf16 = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.bfloat16})
     ref_t, ref_out = step_time(bf16, inputs, a.reps)
     ref_bytes = linear_bytes(bf16)
+    if a.profile:
+        profile_step(bf16, inputs, a.profile)
     rows = [("bf16", ref_t, ref_bytes, 1.0, "-")]
     Quantize = nodes.NODE_CLASS_MAPPINGS["QuantDiTQuantizeModel"]
     for variant in a.variants:
@@ -139,6 +177,8 @@ def main():
         kernel = [ln.split("kernel: ")[1].rstrip(")") for ln in report.splitlines() if "kernel: " in ln]
         rows.append((variant, qt, linear_bytes(q), _cos(out, ref_out), kernel[0] if kernel else "?"))
         print(f"  {variant}: {qt * 1000:.1f} ms", flush=True)
+        if a.profile:
+            profile_step(q, inputs, a.profile)
         del q, out
     mm.unload_all_models()
     del bf16
@@ -147,6 +187,9 @@ def main():
         sd, model_options={"dtype": torch.float8_e4m3fn, "fp8_optimizations": True})
     del sd
     ft, out = step_time(fast, inputs, a.reps)
+    if a.profile:
+        print("  comfy fp8_e4m3fn_fast:")
+        profile_step(fast, inputs, a.profile)
     rows.insert(1, ("comfy fp8_e4m3fn_fast", ft, linear_bytes(fast), _cos(out, ref_out), "ComfyUI"))
     print(f"\n{'variant':24} {'step ms':>9} {'vs bf16':>8} {'vs comfy fp8 fast':>18} {'block linears GiB':>18} "
           f"{'mem vs bf16':>12} {'cos vs bf16':>12}  kernel")

@@ -11,7 +11,7 @@ import comfy.model_management
 import comfy.ops
 
 from ..quant import reference
-from ..quant.backends import pick_backend, quantized_linear
+from ..quant.backends import pick_backend, run_linear
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.schemes import Scheme, get_scheme
@@ -26,13 +26,13 @@ class QuantLinearMixin:
         self.quant_scheme = scheme
         self.weight = torch.nn.Parameter(qdata, requires_grad=False)
         self.weight_scale = torch.nn.Parameter(scale.to(torch.float32), requires_grad=False)
-        self._kernels: dict[str, object] = {}
+        self._kernels: dict[torch.device, object] = {}
 
     def _kernel(self, device: torch.device):
-        key = str(device)
-        if key not in self._kernels:
-            self._kernels[key] = pick_backend(self.quant_scheme, device, self.quant_backend_pref)
-        return self._kernels[key]
+        backend = self._kernels.get(device)
+        if backend is None:
+            backend = self._kernels[device] = pick_backend(self.quant_scheme, device, self.quant_backend_pref)
+        return backend
 
     def forward(self, *args, **kwargs):
         if self.quant_scheme is None:
@@ -41,10 +41,14 @@ class QuantLinearMixin:
         return self.quant_forward(args[0])
 
     def quant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Runs hundreds of times per step: the host time of each line counts (bench_step --profile).
         dev = x.device
-        qdata = comfy.model_management.cast_to_device(self.weight, dev, None)
-        scale = comfy.model_management.cast_to_device(self.current_scale(), dev, None)
-        bias = None if self.bias is None else comfy.model_management.cast_to_device(self.bias, dev, x.dtype)
+        qdata, scale, bias = self.weight, self.current_scale(), self.bias
+        if qdata.device != dev:  # offloaded (lowvram): ComfyUI's cast moves it for this call
+            qdata = comfy.model_management.cast_to_device(qdata, dev, None)
+            scale = comfy.model_management.cast_to_device(scale, dev, None)
+        if bias is not None and (bias.device != dev or bias.dtype != x.dtype):
+            bias = comfy.model_management.cast_to_device(bias, dev, x.dtype)
         if len(self.weight_function) or len(self.bias_function):
             return self._patched_forward(x, qdata, scale, bias)
         k = self.in_features
@@ -53,8 +57,9 @@ class QuantLinearMixin:
             # Text encoders run fp32 activations; the 8-bit GEMMs take and give bf16/fp16. The
             # bf16 rounding (2^-9) is far below the 8-bit activation quantization step.
             xc = x.to(torch.bfloat16)
-        y = quantized_linear(xc.reshape(-1, k), qdata, scale, bias, self.quant_scheme.name, k, self._kernel(dev).name)
-        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        y = run_linear(xc.reshape(-1, k), qdata, scale, bias, self.quant_scheme, k, self._kernel(dev))
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _patched_forward(self, x, qdata, scale, bias):
         # lowvram LoRA path: ComfyUI hands us functions of the float weight.

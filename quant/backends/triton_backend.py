@@ -1,9 +1,9 @@
 """This pack's own Triton kernels (quant/kernels): the fast path with only torch + triton installed.
 
 - int8 W8A8: Triton per-token quant + Triton GEMM with the dequant fused into its epilogue.
-- fp8 W8A8: Triton per-token quant + cuBLASLt rowwise `torch._scaled_mm`; the Triton fp8 GEMM
-  where `_scaled_mm` cannot take the shape. (The Triton GEMM with Hopper's fast fp8 accumulation
-  beats `_scaled_mm`, but drifts over long K; with the accumulation kept exact it is slower.)
+- fp8 W8A8: Triton per-token quant + the Triton GEMM (TMA, persistent, Hopper's fast fp8
+  accumulation, as vLLM's CUTLASS fp8 kernels do); before Hopper, cuBLASLt's rowwise
+  `torch._scaled_mm`.
 - fp8 block-128: Triton 1x128 group quant + Triton block-scaled GEMM.
 - int4 g128 weight-only: Triton unpack/dequant into a per-call bf16 weight + cuBLAS.
 - 8-bit weight-only (int8, fp8 e4m3/e5m2, per channel or per tensor): a Triton GEMM that widens
@@ -61,7 +61,9 @@ def _linear(x2d, qdata, scale, bias, scheme, in_features):
     if scheme.name == "fp8-w8a8":
         xq, xs = quant.per_token_quant(x2d, torch.float8_e4m3fn)
         n = qdata.shape[0]
-        if _scaled_mm_ok(xq, n) and out_dtype in (torch.bfloat16, torch.float16):
+        if (not gemm.hopper_ready(xq, qdata) and _scaled_mm_ok(xq, n)
+                and out_dtype in (torch.bfloat16, torch.float16)):
+            # Before Hopper the Triton GEMM has no TMA path; cuBLASLt's rowwise fp8 GEMM runs there.
             b = None if bias is None else bias.to(out_dtype)
             return torch._scaled_mm(xq, qdata.t(), scale_a=xs, scale_b=scale.reshape(1, -1).float(),
                                     bias=b, out_dtype=out_dtype)

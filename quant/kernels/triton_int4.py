@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .launch import Launcher
 
 
 @triton.jit
@@ -28,6 +29,9 @@ def _dequant_int4_kernel(p_ptr, s_ptr, w_ptr, N, K, KP, stride_p, stride_s, stri
     tl.store(w_ptr + rows * stride_w + offs_k[None, :], (vals * scale).to(w_ptr.dtype.element_ty), mask=mask)
 
 
+_dequant_launch = Launcher(_dequant_int4_kernel)
+
+
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """packed uint8 [N, ceil(K/2)], scale [N, ceil(K/128)] -> weight [N, K] of `dtype`."""
     n, kp = packed.shape
@@ -38,7 +42,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, in_features: int,
     scale = scale.float().contiguous()
     w = torch.empty((n, in_features), dtype=dtype, device=packed.device)
     block_n, block_kp = 32, 64
-    _dequant_int4_kernel[(triton.cdiv(n, block_n), triton.cdiv(kp, block_kp))](
-        packed, scale, w, n, in_features, kp, packed.stride(0), scale.stride(0), w.stride(0),
-        BLOCK_N=block_n, BLOCK_KP=block_kp, GROUP=reference.GROUP, num_warps=4)
+    _dequant_launch((triton.cdiv(n, block_n), triton.cdiv(kp, block_kp)),
+                    packed, scale, w, n, in_features, kp, packed.stride(0), scale.stride(0), w.stride(0),
+                    BLOCK_N=block_n, BLOCK_KP=block_kp, GROUP=reference.GROUP, num_warps=4)
     return w

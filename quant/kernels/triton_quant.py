@@ -15,6 +15,7 @@ from triton.language.extra import libdevice
 
 from .. import reference
 from . import interpreted
+from .launch import Launcher
 
 _ONE_PASS_MAX = 16384
 _GROUP = reference.GROUP
@@ -103,6 +104,10 @@ def _per_group_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, stride_q,
     tl.store(s_ptr + g.to(tl.int64) * M + row, scale, mask=g * GROUP < K)
 
 
+_per_token_launch = Launcher(_per_token_kernel)
+_per_group_launch = Launcher(_per_group_kernel)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"expected a 2-D activation, got shape {tuple(x.shape)}")
@@ -122,8 +127,8 @@ def per_token_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     one_pass = k <= _ONE_PASS_MAX
     block = triton.next_power_of_2(k) if one_pass else 4096
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    _per_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=qmax, IS_INT=is_int, BLOCK=block,
-                            ONE_PASS=one_pass, HW_ROUND=not interpreted(), num_warps=warps)
+    _per_token_launch((m,), x, q, s, k, x.stride(0), q.stride(0), QMAX=qmax, IS_INT=is_int, BLOCK=block,
+                      ONE_PASS=one_pass, HW_ROUND=not interpreted(), num_warps=warps)
     return q, s
 
 
@@ -136,8 +141,7 @@ def per_group_fp8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s_t = torch.empty((groups, m), dtype=torch.float32, device=x.device)
     if m:
         per_prog = min(8, triton.next_power_of_2(groups))
-        _per_group_kernel[(m, triton.cdiv(groups, per_prog))](x, q, s_t, m, k, x.stride(0), q.stride(0),
-                                                               QMAX=reference.FP8_MAX, GROUP=_GROUP,
-                                                               GROUPS_PER_PROG=per_prog, HW_ROUND=not interpreted(),
-                                                               num_warps=4)
+        _per_group_launch((m, triton.cdiv(groups, per_prog)), x, q, s_t, m, k, x.stride(0), q.stride(0),
+                          QMAX=reference.FP8_MAX, GROUP=_GROUP, GROUPS_PER_PROG=per_prog,
+                          HW_ROUND=not interpreted(), num_warps=4)
     return q, s_t.t()

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
+from .launch import Launcher
 from .triton_gemm import _m_bucket
 
 
@@ -113,12 +114,12 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, bias_ptr, M, N, K, stride_x, strid
              acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_gemv_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K", "ROWS", "PER_TENSOR"])(_gemv_kernel)
+_gemv_launch = Launcher(triton.autotune(configs=_gemv_configs(), key=["N", "K", "ROWS", "PER_TENSOR"])(_gemv_kernel))
 GEMV_MAX_ROWS = 4
 
 
-_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "PER_TENSOR"],
-                         prune_configs_by={"early_config_prune": _fitting})(_weight_only_kernel)
+_launch = Launcher(triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "PER_TENSOR"],
+                                   prune_configs_by={"early_config_prune": _fitting})(_weight_only_kernel))
 _INTERPRETER_TILE = {"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_K": 128}
 
 
@@ -136,18 +137,18 @@ def weight_only_gemm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    scale = w_scale.reshape(-1).float().contiguous()
+    scale = w_scale if w_scale.dtype == torch.float32 and w_scale.is_contiguous() else w_scale.float().contiguous()
     per_tensor = scale.numel() == 1
     if not per_tensor and scale.numel() != n:
         raise ValueError(f"weight scale has {scale.numel()} values for {n} output channels")
-    bias_arg = bias.contiguous() if bias is not None else y
+    bias_arg = y if bias is None else bias if bias.is_contiguous() else bias.contiguous()
     if m <= GEMV_MAX_ROWS:
         args = (x, wq, y, scale, bias_arg, m, n, k, x.stride(0), wq.stride(0), y.stride(0))
         meta = dict(HAS_BIAS=bias is not None, PER_TENSOR=per_tensor, ROWS=triton.next_power_of_2(m))
         if interpreted():
             _gemv_kernel[(triton.cdiv(n, 16),)](*args, **meta, BLOCK_N=16, BLOCK_K=128)
         else:
-            _gemv_tuned[lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **meta)
+            _gemv_launch(lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]),), *args, **meta)
         return y
     args = (x, wq, y, scale, bias_arg, m, n, k, _m_bucket(m), x.stride(0), wq.stride(0), y.stride(0))
     meta = dict(HAS_BIAS=bias is not None, PER_TENSOR=per_tensor, WIDEN_TO_F32=interpreted())
@@ -157,5 +158,5 @@ def weight_only_gemm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
         _weight_only_kernel[grid](*args, **meta, EVEN_K=k % t["BLOCK_K"] == 0, **t)
     else:
         grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)  # noqa: E731
-        _tuned[grid](*args, **meta, EVEN_K=k % 256 == 0)
+        _launch(grid, *args, **meta, EVEN_K=k % 256 == 0)
     return y
