@@ -73,19 +73,24 @@ def flux_inputs(dev, a):
     return sd, dict(x=x, c_crossattn=context, y=pooled), f"Flux architecture, {a.width}x{a.height} ({tokens} + 512 tokens)"
 
 
+def denoiser_call(model, inputs):
+    """One call of the model's denoiser at a fixed sigma, as a sampler step makes it."""
+    sigma = torch.tensor([0.7], device=inputs["x"].device)
+    kwargs = {k: v for k, v in inputs.items() if k != "x"}
+    return lambda: model.model.apply_model(inputs["x"], sigma, **kwargs)
+
+
 def step_time(model, inputs, reps):
     """Median seconds of one denoiser call (what one sampling step costs), and its output."""
     import comfy.model_management as mm
     mm.load_models_gpu([model], force_full_load=True)
-    base = model.model
-    sigma = torch.tensor([0.7], device=inputs["x"].device)
-    kwargs = {k: v for k, v in inputs.items() if k != "x"}
+    denoise = denoiser_call(model, inputs)
     times = []
     with torch.inference_mode():
         for i in range(reps + 2):  # two warm-ups: Triton autotuning and cuBLAS heuristics
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = base.apply_model(inputs["x"], sigma, **kwargs)
+            out = denoise()
             torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - t0)
@@ -97,12 +102,11 @@ def profile_step(model, inputs, top):
     """Prints the GPU kernels of one denoiser call by total time, and how busy the GPU was: a
     GPU idle for much of the wall time means the step waits on Python, not on kernels."""
     from torch.profiler import ProfilerActivity, profile
-    sigma = torch.tensor([0.7], device=inputs["x"].device)
-    kwargs = {k: v for k, v in inputs.items() if k != "x"}
+    denoise = denoiser_call(model, inputs)
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.model.apply_model(inputs["x"], sigma, **kwargs)
+        denoise()
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) * 1e6
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -118,7 +122,7 @@ def profile_step(model, inputs, top):
     host = cProfile.Profile()
     with torch.inference_mode():
         host.enable()
-        model.model.apply_model(inputs["x"], sigma, **kwargs)
+        denoise()
         host.disable()
         torch.cuda.synchronize()
     text = io.StringIO()

@@ -13,16 +13,12 @@ cached kernel is only reused where Triton would have picked that same kernel.
 """
 from __future__ import annotations
 
-import logging
 import os
-from typing import Callable, Optional
 
 import torch
 from triton.runtime.autotuner import Autotuner
 
 from . import interpreted
-
-log = logging.getLogger("quantdit")
 
 # Escape hatch (and for benchmarks): QUANTDIT_TRITON_DIRECT_LAUNCH=0 launches through Triton every time.
 DIRECT = os.environ.get("QUANTDIT_TRITON_DIRECT_LAUNCH", "1") != "0"
@@ -36,7 +32,7 @@ def _descriptor_type():
         return None
 
 
-_DESCRIPTOR = _descriptor_type()
+TENSOR_DESCRIPTOR = _descriptor_type()  # Triton's host-side TMA descriptor class, None before 3.4
 
 
 def call_key(values) -> tuple:
@@ -45,7 +41,7 @@ def call_key(values) -> tuple:
     for v in values:
         if isinstance(v, torch.Tensor):
             out.append((v.dtype, v.data_ptr() % 16 == 0))
-        elif _DESCRIPTOR is not None and isinstance(v, _DESCRIPTOR):
+        elif TENSOR_DESCRIPTOR is not None and isinstance(v, TENSOR_DESCRIPTOR):
             out.append((v.base.dtype, v.base.data_ptr() % 16 == 0, tuple(v.shape), tuple(v.strides)))
         else:
             out.append(v)
@@ -55,15 +51,13 @@ def call_key(values) -> tuple:
 class Launcher:
     """Calls `kernel` (a @triton.jit function, or one wrapped by triton.autotune) like
     `kernel[grid](*args, **kwargs)`, through the cached compiled kernel after the first call.
+    A cached launch runs the chosen config's pre-hook itself (e.g. setting TMA block shapes), as
+    the autotuner would."""
 
-    `prepare(named)` runs before each cached launch with the arguments and the config's values
-    by name, for what an autotune config's pre-hook would do (e.g. set TMA block shapes)."""
-
-    def __init__(self, kernel, prepare: Optional[Callable[[dict], None]] = None):
+    def __init__(self, kernel):
         self.tuned = kernel if isinstance(kernel, Autotuner) else None
         self.fn = kernel.fn if self.tuned is not None else kernel
         self.names = list(self.fn.arg_names)
-        self.prepare = prepare
         self.cache: dict[tuple, tuple] = {}
 
     def __call__(self, grid, *args, **kwargs):
@@ -75,12 +69,12 @@ class Launcher:
         if hit is None:
             kernel = (self.tuned if self.tuned is not None else self.fn)[grid](*args, **kwargs)
             if direct and kernel is not None:
-                config = self.tuned.best_config.all_kwargs() if self.tuned is not None else {}
-                self.cache[key] = (kernel, config)
+                best = self.tuned.best_config if self.tuned is not None else None
+                self.cache[key] = (kernel, best.all_kwargs() if best else {}, best.pre_hook if best else None)
             return
-        kernel, config = hit
+        kernel, config, pre_hook = hit
         named.update(config)
-        if self.prepare is not None:
-            self.prepare(named)
+        if pre_hook is not None:
+            pre_hook(named)
         g = grid(named) if callable(grid) else grid
         kernel[(g + (1, 1))[:3]](*[named[n] for n in self.names])  # the compiled kernel takes x, y, z

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .launch import Launcher
+from .launch import TENSOR_DESCRIPTOR, Launcher
 
 
 def _configs():
@@ -211,7 +211,7 @@ def _capability(index: int) -> tuple[int, int]:
 
 def hopper_ready(xq: torch.Tensor, wq: torch.Tensor) -> bool:
     """The Hopper kernels (TMA, persistent) can take these operands."""
-    if _tensor_descriptor() is None:
+    if TENSOR_DESCRIPTOR is None:
         return False
     # Device TMA: Hopper or newer, row pitches 16-byte aligned.
     if interpreted():
@@ -225,15 +225,6 @@ def hopper_ready(xq: torch.Tensor, wq: torch.Tensor) -> bool:
 def _index(t: torch.Tensor) -> int:
     index = t.device.index
     return index if index is not None else torch.cuda.current_device()
-
-
-@functools.lru_cache(maxsize=1)
-def _tensor_descriptor():
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        return TensorDescriptor
-    except ImportError:  # Triton < 3.4
-        return None
 
 
 def _set_persistent_blocks(nargs):
@@ -258,9 +249,9 @@ def _sm_count(index: int) -> int:
 
 
 _w8a8_tma_launch = Launcher(triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(
-    _w8a8_tma_kernel), prepare=_set_tma_blocks)
+    _w8a8_tma_kernel))
 _w8a8_persistent_launch = Launcher(triton.autotune(configs=_persistent_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(
-    _w8a8_persistent_kernel), prepare=_set_persistent_blocks)
+    _w8a8_persistent_kernel))
 _w8a8_launch = Launcher(triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(_w8a8_kernel))
 _block_launch = Launcher(triton.autotune(configs=_block_configs(), key=["M_BUCKET", "N", "K"])(_block_fp8_kernel))
 _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 4}
@@ -282,9 +273,15 @@ def _prepare(xq, wq, out_dtype):
     return m, k, n, torch.empty((m, n), dtype=out_dtype, device=xq.device)
 
 
-def _f32_vector(t: torch.Tensor) -> torch.Tensor:
+def f32_vector(t: torch.Tensor) -> torch.Tensor:
     """A scale as contiguous float32 (the kernels index it flat); no op when it already is."""
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
+def bias_arg(bias: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """The bias pointer argument: the bias as a contiguous vector, or any tensor (`y`) when there
+    is none (HAS_BIAS=False keeps the kernel from reading it)."""
+    return y if bias is None else bias if bias.is_contiguous() else bias.contiguous()
 
 
 def _grid(m: int, n: int):
@@ -318,29 +315,29 @@ def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
     if m == 0:
         return y
     is_int = xq.dtype == torch.int8
-    a_s = _f32_vector(x_scale)
-    b_s = _f32_vector(w_scale)
+    a_s = f32_vector(x_scale)
+    b_s = f32_vector(w_scale)
     if b_s.numel() == 1:
         b_s = b_s.reshape(1).expand(n).contiguous()
-    bias_arg = y if bias is None else bias if bias.is_contiguous() else bias.contiguous()
+    bias_ptr = bias_arg(bias, y)
     if hopper_ready(xq, wq):
-        desc = _tensor_descriptor()
+        desc = TENSOR_DESCRIPTOR
         a_desc = desc(xq, [m, k], [xq.stride(0), 1], [128, 128])   # block shapes set per config
         b_desc = desc(wq, [n, k], [wq.stride(0), 1], [128, 128])
         if PERSISTENT and _y_desc_ok(y):
-            _persistent(a_desc, b_desc, desc(y, [m, n], [y.stride(0), 1], [128, 128]), a_s, b_s, bias_arg,
+            _persistent(a_desc, b_desc, desc(y, [m, n], [y.stride(0), 1], [128, 128]), a_s, b_s, bias_ptr,
                         m, n, k, HAS_BIAS=bias is not None, IS_INT=is_int)
             return y
         if interpreted():
             a_desc.block_shape, b_desc.block_shape = [32, 128], [32, 128]
             _w8a8_tma_kernel[_grid(m, n)(_INTERPRETER_TILE)](
-                a_desc, b_desc, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m), y.stride(0),
+                a_desc, b_desc, y, a_s, b_s, bias_ptr, m, n, k, _m_bucket(m), y.stride(0),
                 HAS_BIAS=bias is not None, IS_INT=is_int, **_INTERPRETER_TILE)
             return y
-        _w8a8_tma_launch(_grid(m, n), a_desc, b_desc, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m), y.stride(0),
+        _w8a8_tma_launch(_grid(m, n), a_desc, b_desc, y, a_s, b_s, bias_ptr, m, n, k, _m_bucket(m), y.stride(0),
                          HAS_BIAS=bias is not None, IS_INT=is_int)
         return y
-    _launch(_w8a8_launch, _w8a8_kernel, m, n, xq, wq, y, a_s, b_s, bias_arg, m, n, k, _m_bucket(m),
+    _launch(_w8a8_launch, _w8a8_kernel, m, n, xq, wq, y, a_s, b_s, bias_ptr, m, n, k, _m_bucket(m),
             xq.stride(0), wq.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, IS_INT=is_int, EVEN_K=k % 128 == 0)
     return y
@@ -356,9 +353,9 @@ def block_fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_
     if x_scale.stride(0) != 1:  # the kernel reads scale[k_group, token] with tokens contiguous
         x_scale = x_scale.float().t().contiguous().t()
     x_scale = x_scale.float()
-    w_scale = _f32_vector(w_scale)
-    bias_arg = y if bias is None else bias if bias.is_contiguous() else bias.contiguous()
-    _launch(_block_launch, _block_fp8_kernel, m, n, xq, wq, y, x_scale, w_scale, bias_arg, m, n, k, _m_bucket(m),
+    w_scale = f32_vector(w_scale)
+    bias_ptr = bias_arg(bias, y)
+    _launch(_block_launch, _block_fp8_kernel, m, n, xq, wq, y, x_scale, w_scale, bias_ptr, m, n, k, _m_bucket(m),
             xq.stride(0), wq.stride(0), y.stride(0), x_scale.stride(1), w_scale.stride(0),
             HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
     return y

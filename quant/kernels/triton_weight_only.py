@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import interpreted
 from .launch import Launcher
-from .triton_gemm import _m_bucket
+from .triton_gemm import _load_k_step, _m_bucket, bias_arg, f32_vector
 
 
 def _configs():
@@ -39,6 +39,21 @@ def _fitting(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _scale_bias_store(acc, y_ptr, ws_ptr, bias_ptr, offs_n, offs_m, M, N, stride_y,
+                      HAS_BIAS: tl.constexpr, PER_TENSOR: tl.constexpr):
+    # acc is y^T ([out channels, tokens]): scale per channel (or one scale), add the bias, store y.
+    if PER_TENSOR:
+        acc = acc * tl.load(ws_ptr)
+    else:
+        acc = acc * tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    tl.store(y_ptr + offs_m[None, :].to(tl.int64) * stride_y + offs_n[:, None],
+             acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _weight_only_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, bias_ptr, M, N, K, M_BUCKET,
                         stride_x, stride_w, stride_y,
                         HAS_BIAS: tl.constexpr, PER_TENSOR: tl.constexpr, EVEN_K: tl.constexpr,
@@ -54,28 +69,14 @@ def _weight_only_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, bias_ptr, M, N, K, M_BUCKET
     x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[None, :] * stride_x + offs_k[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            xt = tl.load(x_ptrs)
-        else:
-            left = K - k * BLOCK_K
-            w = tl.load(w_ptrs, mask=offs_k[None, :] < left, other=0.0)
-            xt = tl.load(x_ptrs, mask=offs_k[:, None] < left, other=0.0)
+        w, xt = _load_k_step(w_ptrs, x_ptrs, offs_k, k, K, BLOCK_K, EVEN_K)
         if WIDEN_TO_F32:  # Triton's CPU interpreter gets bf16 dots wrong (3.8); fp32 is exact there
             acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(w.to(xt.dtype), xt, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    if PER_TENSOR:
-        acc = acc * tl.load(ws_ptr)
-    else:
-        acc = acc * tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-    tl.store(y_ptr + offs_m[None, :].to(tl.int64) * stride_y + offs_n[:, None],
-             acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _scale_bias_store(acc, y_ptr, ws_ptr, bias_ptr, offs_n, offs_m, M, N, stride_y, HAS_BIAS, PER_TENSOR)
 
 
 def _gemv_configs():
@@ -103,15 +104,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, bias_ptr, M, N, K, stride_x, strid
         acc += tl.sum(w[:, None, :] * x[None, :, :], axis=2)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    if PER_TENSOR:
-        acc = acc * tl.load(ws_ptr)
-    else:
-        acc = acc * tl.load(ws_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-    tl.store(y_ptr + offs_m[None, :].to(tl.int64) * stride_y + offs_n[:, None],
-             acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _scale_bias_store(acc, y_ptr, ws_ptr, bias_ptr, offs_n, offs_m, M, N, stride_y, HAS_BIAS, PER_TENSOR)
 
 
 _gemv_launch = Launcher(triton.autotune(configs=_gemv_configs(), key=["N", "K", "ROWS", "PER_TENSOR"])(_gemv_kernel))
@@ -137,20 +130,20 @@ def weight_only_gemm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    scale = w_scale if w_scale.dtype == torch.float32 and w_scale.is_contiguous() else w_scale.float().contiguous()
+    scale = f32_vector(w_scale)
     per_tensor = scale.numel() == 1
     if not per_tensor and scale.numel() != n:
         raise ValueError(f"weight scale has {scale.numel()} values for {n} output channels")
-    bias_arg = y if bias is None else bias if bias.is_contiguous() else bias.contiguous()
+    bias_ptr = bias_arg(bias, y)
     if m <= GEMV_MAX_ROWS:
-        args = (x, wq, y, scale, bias_arg, m, n, k, x.stride(0), wq.stride(0), y.stride(0))
+        args = (x, wq, y, scale, bias_ptr, m, n, k, x.stride(0), wq.stride(0), y.stride(0))
         meta = dict(HAS_BIAS=bias is not None, PER_TENSOR=per_tensor, ROWS=triton.next_power_of_2(m))
         if interpreted():
             _gemv_kernel[(triton.cdiv(n, 16),)](*args, **meta, BLOCK_N=16, BLOCK_K=128)
         else:
             _gemv_launch(lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]),), *args, **meta)
         return y
-    args = (x, wq, y, scale, bias_arg, m, n, k, _m_bucket(m), x.stride(0), wq.stride(0), y.stride(0))
+    args = (x, wq, y, scale, bias_ptr, m, n, k, _m_bucket(m), x.stride(0), wq.stride(0), y.stride(0))
     meta = dict(HAS_BIAS=bias is not None, PER_TENSOR=per_tensor, WIDEN_TO_F32=interpreted())
     if interpreted():
         t = _INTERPRETER_TILE
