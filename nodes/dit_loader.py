@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
-
 import torch
 
 import comfy.model_detection
@@ -15,8 +13,7 @@ from ..quant.formats.detect import LayerQuant
 from ..quant.formats.load import layout_of, load_checkpoint
 from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
-from ..quant.filters import DEFAULT_FILTER
-from ..quant.schemes import PER_CHANNEL, get_scheme, weight_only_partner
+from ..quant.schemes import get_scheme
 from .ops import make_quant_ops
 
 
@@ -34,7 +31,6 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
     if prefix and any(k.startswith(prefix) for k in sd):
         sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
         layers = {name[len(prefix):]: q for name, q in layers.items() if name.startswith(prefix)}
-    layers = few_rows_weight_only(layers)
     ops = make_quant_ops(layers, path, None if backend == "auto" else backend)
     options = {"custom_operations": ops}
     if COMPUTE_DTYPES[compute_dtype] is not None:
@@ -53,19 +49,6 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
     report = build_report(path, layout_of(plan), layers)
     describe_kernels(report, model.load_device, backend)
     return model, report
-
-
-def few_rows_weight_only(layers: dict[str, LayerQuant]) -> dict[str, LayerQuant]:
-    """Per-channel W8A8 data is also exactly the 8-bit weight-only format: the layers that only see
-    the text/image context run it that way (see LayerFilter.small_m_patterns), as Quantize Model
-    does. Block-128 scales have no weight-only kernel here, so those layers stay as they are."""
-    out = {}
-    for name, q in layers.items():
-        scheme = get_scheme(q.scheme)
-        if DEFAULT_FILTER.runs_weight_only(name, scheme) and scheme.weight_granularity == PER_CHANNEL:
-            q = replace(q, scheme=weight_only_partner(scheme).name)
-        out[name] = q
-    return out
 
 
 def build_report(path: str, layout: str, layers: dict[str, LayerQuant]) -> QuantReport:

@@ -2,13 +2,12 @@
 
 Defaults follow what LightX2V quantizes: the attention and FFN linears inside transformer blocks.
 Norms, embeddings (patch/time/text/image), modulation (adaLN) and the output head stay in high
-precision: they are small, run with few rows (W8A8 is slower than bf16 there, see DESIGN.md) and
-are sensitive to quantization.
+precision: they are small and sensitive to quantization.
 
 `quantize_modulation` (on in the runtime Quantize Model / FP8 Cast nodes, off for LightX2V files)
 also quantizes the modulation linears inside the blocks (Flux `img_mod.lin` / `modulation.lin`,
 Qwen-Image `img_mod.1`): about a quarter of Flux's block weights. They see one row per sample
-(the time/guidance vector), so a W8A8 scheme runs them as 8-bit weight-only.
+(the time/guidance vector).
 """
 from __future__ import annotations
 
@@ -34,17 +33,18 @@ class LayerFilter:
     min_dim_multiple: int = 16        # tensor-core GEMMs need K and N multiples of 16
     blocks_only: bool = True          # only layers inside transformer blocks
     extra_skip: tuple[str, ...] = ()  # substrings the user wants kept in high precision
-    # Layers fed by the text/image context (<= 512 rows per sample): with dynamic activation
-    # quantization the quantize launch dominates there and W8A8 loses to bf16 (DESIGN.md; on an
-    # H200 Flux's 512-token text-stream linears ran at 0.2-0.66x of bf16 with every W8A8 backend).
-    # Wan cross-attention k/v; Flux / HunyuanVideo text streams; Qwen-Image's added text projections.
+    # Layers fed by the text/image context (<= 512 rows per sample): Wan cross-attention k/v;
+    # Flux / HunyuanVideo text streams; Qwen-Image's added text projections.
     small_m_patterns: tuple[str, ...] = ("cross_attn.k", "cross_attn.v", "txt_attn", "txt_mlp", "add_q_proj",
                                          "add_k_proj", "add_v_proj", "to_add_out")
-    # Quantize the modulation linears inside the blocks too (weight-only under W8A8, see above).
+    # Quantize the modulation linears inside the blocks too (see above).
     # Off by default: LightX2V files keep them in bf16 and its loader expects that.
     quantize_modulation: bool = False
-    # Run the few-row layers above (and quantized modulation) as 8-bit weight-only under W8A8.
-    few_rows_weight_only: bool = True
+    # Run the few-row layers above (and quantized modulation) as 8-bit weight-only under W8A8: one
+    # kernel launch instead of two. Off by default: in GPU time W8A8 is 1.1-1.3x bf16 at 512 rows and
+    # 1.4-1.5x at 2, the weight-only kernels 0.4-0.6x and 1.0x (H100, bench/bench_gemm.py few-rows).
+    # Worth turning on only where Python launch overhead, not the GPU, bounds the step.
+    few_rows_weight_only: bool = False
 
     def skip_reason(self, name: str, shape: tuple[int, ...]) -> Optional[str]:
         """None if the layer should be quantized, else a short reason."""
@@ -67,8 +67,8 @@ class LayerFilter:
         return any(p in name for p in self.small_m_patterns)
 
     def runs_weight_only(self, name: str, scheme) -> bool:
-        """A W8A8 scheme on a few-row layer runs as 8-bit weight-only there (quant.schemes.
-        weight_only_partner): activation quantization would cost more than it saves."""
+        """With `few_rows_weight_only`, a W8A8 scheme on a few-row layer runs as 8-bit weight-only
+        there (quant.schemes.weight_only_partner), saving the activation-quant launch."""
         few_rows = self.is_small_m(name) or (self.quantize_modulation and is_modulation(name))
         return scheme.quantizes_activation and self.few_rows_weight_only and few_rows
 

@@ -26,9 +26,9 @@ def rel_err(a, b):
 
 
 class Arch:
-    def __init__(self, name, file, conditioning, latent, n_block_linears, n_context_kv, n_modulation=0):
+    def __init__(self, name, file, conditioning, latent, n_block_linears, n_modulation=0):
         self.name, self.file, self.cond, self.latent = name, file, conditioning, latent
-        self.n_block_linears, self.n_context_kv, self.n_modulation = n_block_linears, n_context_kv, n_modulation
+        self.n_block_linears, self.n_modulation = n_block_linears, n_modulation
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,11 @@ def archs(comfy, models_dir):
     flux_fixtures.write_flux(flux)
     return {
         # Wan: 2 blocks x 10 linears, of which cross_attn.k/v (4) see only the text context.
-        "wan": Arch("wan", "q_wan_bf16.safetensors", wan_fixtures.conditioning, wan_fixtures.latent, 20, 4),
+        "wan": Arch("wan", "q_wan_bf16.safetensors", wan_fixtures.conditioning, wan_fixtures.latent, 20),
         # Flux: 1 double block (img/txt qkv, proj, mlp.0, mlp.2 = 8) + 2 single blocks (linear1/2 = 4);
         # the 4 text-stream linears run on few rows: 8-bit weight-only under W8A8. Plus 4 modulation
         # linears (img_mod.lin, txt_mod.lin, 2x modulation.lin), quantized weight-only by default.
-        "flux": Arch("flux", "q_flux_bf16.safetensors", flux_fixtures.conditioning, flux_fixtures.latent, 12, 4, 4),
+        "flux": Arch("flux", "q_flux_bf16.safetensors", flux_fixtures.conditioning, flux_fixtures.latent, 12, 4),
     }
 
 
@@ -82,15 +82,10 @@ def test_every_scheme_through_ksampler(comfy, archs, baselines, arch_name, schem
     arch = archs[arch_name]
     model = load_bf16(comfy, arch)
     qmodel, report = quantize(comfy, model, scheme)
-    w8a8 = scheme in ("fp8-w8a8", "int8-w8a8", "fp8-block128")
-    if w8a8:  # the few-row layers run weight-only with the same weight format
-        partner = "int8-weight-only" if scheme == "int8-w8a8" else "fp8-weight-only"
-        assert f"{scheme}: {arch.n_block_linears - arch.n_context_kv} layers" in report, report
-        assert f"{partner}: {arch.n_context_kv + arch.n_modulation} layers" in report, report
-    else:
-        assert f"{scheme}: {arch.n_block_linears + arch.n_modulation} layers" in report, report
+    # By default every quantized layer runs the scheme, the few-row and modulation layers included.
+    assert f"{scheme}: {arch.n_block_linears + arch.n_modulation} layers" in report, report
     if arch.n_modulation:
-        assert f"{arch.n_modulation} modulation (adaLN) layers run {partner if w8a8 else scheme}" in report, report
+        assert f"{arch.n_modulation} modulation (adaLN) layers run {scheme}" in report, report
     err = rel_err(sample(comfy, arch, qmodel), baselines[arch_name])
     assert 0 < err < TOLERANCE[scheme], f"{arch_name}/{scheme}: relative error {err:.4f}"
     # The input MODEL still produces exactly its old output.
@@ -136,14 +131,16 @@ def linear_ratio(report):
 
 
 @pytest.mark.parametrize("scheme,partner", [("fp8-w8a8", "fp8-weight-only"), ("int8-w8a8", "int8-weight-only")])
-def test_flux_modulation_runs_weight_only(comfy, archs, baselines, scheme, partner):
+def test_flux_modulation_quantized(comfy, archs, baselines, scheme, partner):
     arch = archs["flux"]
     model = load_bf16(comfy, arch)
-    on, report_on = quantize(comfy, model, scheme)  # the node default
+    on, report_on = quantize(comfy, model, scheme)  # the node default: W8A8 on modulation too
+    few_rows, _ = quantize(comfy, model, scheme, keep_small_m_layers=True)
     off, report_off = quantize(comfy, model, scheme, quantize_modulation=False)
     for name in FLUX_MODULATION:
         q = on.object_patches[f"diffusion_model.{name}"]
-        assert q.quant_scheme.name == partner and q.weight.dtype in (torch.float8_e4m3fn, torch.int8), name
+        assert q.quant_scheme.name == scheme and q.weight.dtype in (torch.float8_e4m3fn, torch.int8), name
+        assert few_rows.object_patches[f"diffusion_model.{name}"].quant_scheme.name == partner, name
         assert f"diffusion_model.{name}" not in off.object_patches, name
         assert type(off.get_model_object(f"diffusion_model.{name}")).__name__ == "Linear"
     assert "modulation (adaLN)" not in report_off
@@ -151,8 +148,8 @@ def test_flux_modulation_runs_weight_only(comfy, archs, baselines, scheme, partn
     bf16_bytes = block_linear_bytes(model)
     assert block_linear_bytes(on) / bf16_bytes < 0.52 < 0.6 < block_linear_bytes(off) / bf16_bytes
     assert linear_ratio(report_on) < linear_ratio(report_off) - 0.05, (report_on, report_off)
-    # Both still match bf16 within the scheme's tolerance.
-    for m in (on, off):
+    # All still match bf16 within the scheme's tolerance.
+    for m in (on, few_rows, off):
         err = rel_err(sample(comfy, arch, m), baselines["flux"])
         assert 0 < err < TOLERANCE[scheme], f"{scheme}: relative error {err:.4f}"
 
@@ -173,7 +170,9 @@ def test_patched_layers_hold_fp8_or_int8_data(comfy, archs):
     qmodel, _ = quantize(comfy, model, "int8-w8a8")
     patched = [v for k, v in qmodel.object_patches.items() if getattr(v, "quant_scheme", None)]
     assert len(patched) == 20 and all(p.weight.dtype == torch.int8 for p in patched)
-    kinds = sorted(p.quant_scheme.name for p in patched)
+    assert all(p.quant_scheme.name == "int8-w8a8" for p in patched)  # context k/v included
+    few_rows, _ = quantize(comfy, model, "int8-w8a8", keep_small_m_layers=True)
+    kinds = sorted(v.quant_scheme.name for v in few_rows.object_patches.values() if getattr(v, "quant_scheme", None))
     assert kinds.count("int8-w8a8") == 16 and kinds.count("int8-weight-only") == 4  # context k/v
     # The source layers are untouched bf16.
     src = model.model.diffusion_model.blocks[0].ffn[0]
@@ -185,8 +184,7 @@ def test_requantizing_is_detected_and_reported(comfy, archs, baselines):
     once, _ = quantize(comfy, model, "int8-w8a8")
     twice, report = quantize(comfy, once, "fp8-w8a8")
     assert "already quantized (int8-w8a8)" in report
-    assert "kept 16 layers: already quantized (int8-w8a8)" in report
-    assert "kept 4 layers: already quantized (int8-weight-only)" in report
+    assert "kept 20 layers: already quantized (int8-w8a8)" in report
     # Every block linear was quantized the first time: nothing new is quantized.
     assert "nothing new to quantize" in report and "fp8-w8a8:" not in report
     assert torch.equal(sample(comfy, archs["wan"], twice), sample(comfy, archs["wan"], once))
@@ -203,7 +201,7 @@ def test_skip_patterns_and_small_m_switch(comfy, archs):
 def test_alias_names_work_and_announce_missing_kernels(comfy, archs):
     model = load_bf16(comfy, archs["wan"])
     _, report = quantize(comfy, model, "int8-vllm")
-    assert "int8-w8a8: 16 layers" in report
+    assert "int8-w8a8: 20 layers" in report
     assert "backend 'vllm' cannot run int8-w8a8 on cpu" in report
 
 

@@ -142,6 +142,7 @@ def test_text_stream_layers_count_as_small_m(name, small):
 BLOCK_MODULATION = ["double_blocks.0.img_mod.lin", "double_blocks.18.txt_mod.lin", "single_blocks.3.modulation.lin",
                     "transformer_blocks.0.img_mod.1", "transformer_blocks.59.txt_mod.1"]
 MOD_FILTER = LayerFilter(quantize_modulation=True)
+MOD_FEW_ROWS = LayerFilter(quantize_modulation=True, few_rows_weight_only=True)
 
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
@@ -159,12 +160,13 @@ def test_quantize_modulation_quantizes_block_modulation(name, prefix):
     ("fp8-w8a8", "fp8-weight-only"), ("int8-w8a8", "int8-weight-only"), ("fp8-block128", "fp8-weight-only"),
     ("int4-g128", "int4-g128"), ("fp8-weight-only", "fp8-weight-only"), ("int8-weight-only", "int8-weight-only"),
     ("fp8-scaled", "fp8-scaled")])
-def test_modulation_runs_weight_only(name, scheme, runs_as):
+def test_modulation_runs_weight_only_when_asked(name, scheme, runs_as):
     s = get_scheme(scheme)
-    weight_only = MOD_FILTER.runs_weight_only(name, s)
+    weight_only = MOD_FEW_ROWS.runs_weight_only(name, s)
     assert weight_only is s.quantizes_activation
     assert (weight_only_partner(s) if weight_only else s).name == runs_as
     assert not DEFAULT_FILTER.runs_weight_only(name, s)
+    assert not MOD_FILTER.runs_weight_only(name, s)  # the default: the scheme itself
 
 
 @pytest.mark.parametrize("name", ["final_layer.adaLN_modulation.1", "norm_out.linear", "blocks.0.modulation",
@@ -184,14 +186,15 @@ def test_quantize_modulation_keeps_the_other_checks():
     # Other layers are unaffected.
     for n in QUANTIZE:
         assert MOD_FILTER.skip_reason(n, SQUARE) is None, n
-        assert MOD_FILTER.runs_weight_only(n, get_scheme("fp8-w8a8")) is DEFAULT_FILTER.is_small_m(n), n
+        assert MOD_FEW_ROWS.runs_weight_only(n, get_scheme("fp8-w8a8")) is DEFAULT_FILTER.is_small_m(n), n
+        assert not MOD_FILTER.runs_weight_only(n, get_scheme("fp8-w8a8")), n
     assert not DEFAULT_FILTER.quantize_modulation and not ENCODER_FILTER.quantize_modulation
 
 
-def test_few_rows_weight_only_off_keeps_w8a8_everywhere():
+def test_few_rows_weight_only_is_off_by_default():
     from quant.schemes import get_scheme
-    on = LayerFilter(quantize_modulation=True)
-    off = LayerFilter(quantize_modulation=True, few_rows_weight_only=False)
+    on = LayerFilter(quantize_modulation=True, few_rows_weight_only=True)
+    off = LayerFilter(quantize_modulation=True)
     w8a8 = get_scheme("fp8-w8a8")
     for name in ("double_blocks.0.txt_mlp.0", "blocks.3.cross_attn.k", "double_blocks.0.img_mod.lin"):
         assert on.runs_weight_only(name, w8a8) and not off.runs_weight_only(name, w8a8), name
