@@ -40,8 +40,8 @@ SHAPES = {
     "flux": [("img qkv", 4096, 3072, 9216), ("img proj", 4096, 3072, 3072), ("img mlp.0", 4096, 3072, 12288),
              ("img mlp.2", 4096, 12288, 3072), ("txt qkv", 512, 3072, 9216), ("txt mlp.0", 512, 3072, 12288),
              ("single linear1", 4608, 3072, 21504), ("single linear2", 4608, 15360, 3072)],
-    # Layers the filter runs weight-only: modulation (one row per sample, x2 for cond/uncond),
-    # Wan cross-attn k/v on 512 context tokens, Flux text-stream linears.
+    # Few-row layers: modulation (one row per sample, x2 for cond/uncond), Wan cross-attn k/v on 512
+    # context tokens, Flux text-stream linears (weight-only under W8A8 with keep_small_m_layers).
     "few-rows": [("flux img_mod (M=2)", 2, 3072, 18432), ("flux single mod (M=2)", 2, 3072, 9216),
                  ("wan ctx k/v (M=512)", 512, 5120, 5120), ("flux txt qkv (M=512)", 512, 3072, 9216),
                  ("flux txt mlp.2 (M=512)", 512, 12288, 3072)],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+
 import torch
 
 import comfy.model_detection

@@ -7,10 +7,10 @@ import dataclasses
 import folder_paths
 from comfy_api.latest import io
 
-from ..quant.filters import ENCODER_FILTER
+from ..quant.filters import ENCODER_FILTER, split_patterns
 from ..quant.schemes import resolve
 from .encoder_loader import load_quantized_clip_vision, load_quantized_t5
-from .loader_nodes import backend_options
+from .loader_nodes import backend_input
 from .model_quantizer import quantize_model
 
 # The seeds' t5_quant_scheme / clip_quant_scheme names first, then the canonical schemes. The
@@ -21,12 +21,6 @@ ENCODER_SCHEMES = ["int8", "fp8", "int8-vllm", "fp8-sgl", "int8-q8f", "fp8-q8f",
 _SCHEME_TOOLTIP = ("int8 / fp8 (LightX2V's names, also int8-vllm, fp8-sgl, *-q8f, int8-torchao): 8-bit "
                    "weights and activations. *-weight-only and fp8-scaled: layerwise fp8/int8 cast, 8-bit "
                    "storage with compute in the encoder's precision (any GPU). int4-g128: smallest weights.")
-
-
-def _backend_input():
-    return io.Combo.Input("backend", options=backend_options(), default="auto",
-                          tooltip="Kernel provider. 'auto' picks the fastest that can run each layer's scheme "
-                                  "on your device; a named one that cannot falls back and the report says so.")
 
 
 def _skip_input():
@@ -51,7 +45,7 @@ class QuantDiTT5Loader(io.ComfyNode):
                                tooltip="The umT5 file. The tokenizer is read from the file, from "
                                        "google/umt5-xxl/spiece.model next to it, or from a ComfyUI umt5 "
                                        "file in the same folder."),
-                _backend_input(),
+                backend_input(),
             ],
             outputs=[io.Clip.Output(), io.String.Output(display_name="report")],
         )
@@ -76,7 +70,7 @@ class QuantDiTCLIPVisionLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("clip_name", options=folder_paths.get_filename_list("clip_vision"),
                                tooltip="The CLIP vision file."),
-                _backend_input(),
+                backend_input(),
             ],
             outputs=[io.ClipVision.Output(), io.String.Output(display_name="report")],
         )
@@ -92,8 +86,7 @@ def _quantize_encoder(patcher, scheme: str, backend: str, skip_patterns: str, ti
     resolved = resolve(scheme, namespace="encoder")
     if not resolved.scheme.is_quantized:
         raise ValueError(f"scheme {scheme!r} does not quantize anything; choose one of {', '.join(ENCODER_SCHEMES)}")
-    extra = tuple(p.strip() for p in skip_patterns.split(",") if p.strip())
-    layer_filter = dataclasses.replace(ENCODER_FILTER, extra_skip=extra)
+    layer_filter = dataclasses.replace(ENCODER_FILTER, extra_skip=split_patterns(skip_patterns))
     return quantize_model(patcher, resolved, backend, layer_filter, f"{title}: {scheme}", root="")
 
 
@@ -108,7 +101,7 @@ class QuantDiTQuantizeTextEncoder(io.ComfyNode):
                         "CLIP text) one layer at a time; the input CLIP is left unchanged.",
             inputs=[io.Clip.Input("clip"),
                     io.Combo.Input("scheme", options=ENCODER_SCHEMES, default="int8", tooltip=_SCHEME_TOOLTIP),
-                    _backend_input(), _skip_input()],
+                    backend_input(), _skip_input()],
             outputs=[io.Clip.Output(), io.String.Output(display_name="report")],
         )
 
@@ -131,7 +124,7 @@ class QuantDiTQuantizeCLIPVision(io.ComfyNode):
                         "a time; the input CLIP_VISION is left unchanged.",
             inputs=[io.ClipVision.Input("clip_vision"),
                     io.Combo.Input("scheme", options=ENCODER_SCHEMES, default="int8", tooltip=_SCHEME_TOOLTIP),
-                    _backend_input(), _skip_input()],
+                    backend_input(), _skip_input()],
             outputs=[io.ClipVision.Output(), io.String.Output(display_name="report")],
         )
 

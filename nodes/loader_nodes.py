@@ -12,6 +12,14 @@ def backend_options() -> list[str]:
     return ["auto"] + sorted(list_backends())
 
 
+def backend_input():
+    """The kernel-provider widget every QuantDiT node shares."""
+    return io.Combo.Input("backend", options=backend_options(), default="auto",
+                          tooltip="Kernel provider. 'auto' picks the fastest one that can run each layer's "
+                                  "scheme on your device; a named one that cannot falls back and the report "
+                                  "says so.")
+
+
 class QuantDiTLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -25,10 +33,7 @@ class QuantDiTLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
                                tooltip="A quantized DiT file in models/diffusion_models."),
-                io.Combo.Input("backend", options=backend_options(), default="auto",
-                               tooltip="Kernel provider. 'auto' picks the fastest one that can run each "
-                                       "layer's scheme on your device; a named one that cannot falls back "
-                                       "and the report says so."),
+                backend_input(),
                 io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="default",
                                tooltip="dtype for activations and the unquantized layers. 'default' lets "
                                        "ComfyUI choose for your device."),

@@ -65,7 +65,8 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
             skipped[reason] += 1
             report.kept_bytes += module.weight.numel() * 2
             continue
-        # Few-row layers (context k/v, text streams, modulation) run weight-only under W8A8.
+        # With keep_small_m_layers, few-row layers (context k/v, text streams, modulation) run
+        # weight-only under W8A8.
         few_rows = layer_filter.runs_weight_only(name, scheme)
         candidates.append((name, module, weight_only_partner(scheme) if few_rows else scheme))
 
@@ -81,7 +82,7 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
         report.bf16_equivalent_bytes += module.out_features * module.in_features * 2
         pbar.update(1)
     for s, n in sorted(modulation.items()):
-        report.notes.append(f"{n} modulation (adaLN) layers run {s} (weight-only: one row per sample)")
+        report.notes.append(f"{n} modulation (adaLN) layers run {s} (one row per sample)")
     for reason, n in sorted(skipped.items()):
         report.notes.append(f"kept {n} layers: {reason}")
     if not candidates:

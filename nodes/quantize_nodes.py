@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..quant.filters import LayerFilter
+from ..quant.filters import LayerFilter, split_patterns
 from ..quant.schemes import all_names, resolve
-from .loader_nodes import backend_options
+from .loader_nodes import backend_input
 from .model_quantizer import quantize_model
 
 _RUNTIME_SCHEMES = ["fp8-w8a8", "int8-w8a8", "fp8-block128", "fp8-weight-only", "int8-weight-only", "int4-g128"]
@@ -38,8 +38,7 @@ def _filter_inputs():
 
 
 def _layer_filter(skip_patterns: str, keep_small_m_layers: bool, quantize_modulation: bool) -> LayerFilter:
-    extra = tuple(p.strip() for p in skip_patterns.split(",") if p.strip())
-    return LayerFilter(extra_skip=extra, few_rows_weight_only=keep_small_m_layers,
+    return LayerFilter(extra_skip=split_patterns(skip_patterns), few_rows_weight_only=keep_small_m_layers,
                        quantize_modulation=quantize_modulation)
 
 
@@ -58,8 +57,7 @@ class QuantDiTQuantizeModel(io.ComfyNode):
                                tooltip="fp8-w8a8 / int8-w8a8: 8-bit weights and activations (fastest on "
                                        "fp8/int8 tensor cores). *-weight-only and int4-g128: smaller "
                                        "weights, bf16 compute. LightX2V and torchao names work too."),
-                io.Combo.Input("backend", options=backend_options(), default="auto",
-                               tooltip="Kernel provider; 'auto' picks the fastest that can run the scheme."),
+                backend_input(),
                 *_filter_inputs(),
             ],
             outputs=[io.Model.Output(), io.String.Output(display_name="report")],

@@ -23,6 +23,11 @@ _SENSITIVE = re.compile(r"(^|[._])([a-z_]*norm[a-z_0-9]*|[a-z_]*mod|modulation|a
 _MODULATION = re.compile(r"(^|\.)(img_mod|txt_mod|modulation|adaLN_modulation)\.[^.]+$")
 
 
+def split_patterns(text: str) -> tuple[str, ...]:
+    """A widget's comma-separated name fragments ("blocks.0., ffn.2") as LayerFilter.extra_skip."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
 def is_modulation(name: str) -> bool:
     """A modulation (adaLN) Linear inside a transformer block."""
     return bool(_MODULATION.search(name)) and bool(_BLOCK.search(name + "."))

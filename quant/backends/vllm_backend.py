@@ -125,21 +125,23 @@ def _per_group(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # Marlin copies of int4 weights, keyed by the storage of the layer's qdata: an entry lives as long
 # as that memory does (offloading the model or replacing the weight frees its copy too). Per view
-# of the storage: (stamp, repacked weight, shuffled scales); a stamp that no longer matches (the
-# data written in place, other scales, another activation dtype) means repack.
+# of the storage: (stamp, repacked weight, shuffled scales, shuffled bias); a stamp that no longer
+# matches (the data written in place, other scales or bias, another activation dtype) means repack.
 _MARLIN_CACHE = WeakIdKeyDictionary()
 _WORKSPACES: dict[torch.device, torch.Tensor] = {}
 
 
-def _marlin_weights(qdata, scale, k, dtype):
+def _marlin_weights(qdata, scale, bias, k, dtype):
     views = _MARLIN_CACHE.setdefault(qdata.untyped_storage(), {})
     where = (qdata.data_ptr(), tuple(qdata.shape))
-    stamp = (qdata._version, scale.data_ptr(), scale._version, dtype)
+    stamp = (qdata._version, scale.data_ptr(), scale._version, dtype,
+             None if bias is None else (bias.data_ptr(), bias._version, bias.dtype))
     hit = views.get(where)
     if hit is None or hit[0] != stamp:
         w = torch.ops._C.gptq_marlin_repack(marlin.gptq_weight(qdata), k, qdata.shape[0], 4, False)
-        hit = views[where] = (stamp, w, marlin.marlin_scales(scale, dtype))
-    return hit[1], hit[2]
+        b = None if bias is None else marlin.marlin_bias(bias.to(dtype))
+        hit = views[where] = (stamp, w, marlin.marlin_scales(scale, dtype), b)
+    return hit[1:]
 
 
 def _workspace(device: torch.device) -> torch.Tensor:
@@ -157,8 +159,7 @@ def _marlin_linear(x2d, qdata, scale, bias, in_features):
     if a.data_ptr() % 16:  # the kernel loads 16-byte vectors of A
         a = a.clone()
     n = qdata.shape[0]
-    w, s = _marlin_weights(qdata, scale, in_features, a.dtype)
-    b = None if bias is None else marlin.marlin_bias(bias.to(a.dtype))
+    w, s, b = _marlin_weights(qdata, scale, bias, in_features, a.dtype)
     out = torch.ops._C.marlin_gemm(a, None, w, b, s, None, None, None, _workspace(a.device), marlin.UINT4B8_ID,
                                    a.shape[0], n, in_features, False, True, False)
     return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -205,8 +205,8 @@ def fake_repack(monkeypatch):
 
 def test_repack_happens_once_per_weight(fake_repack):
     qdata, scale = _int4_weight(128, 256)
-    w1, s1 = vllm_backend._marlin_weights(qdata, scale, 256, torch.bfloat16)
-    w2, s2 = vllm_backend._marlin_weights(qdata, scale, 256, torch.bfloat16)
+    w1, s1, _ = vllm_backend._marlin_weights(qdata, scale, None, 256, torch.bfloat16)
+    w2, s2, _ = vllm_backend._marlin_weights(qdata, scale, None, 256, torch.bfloat16)
     assert w1 is w2 and s1 is s2
     assert fake_repack == [((32, 128), 256, 128, 4, False)]
     assert len(vllm_backend._MARLIN_CACHE) == 1
@@ -215,12 +215,12 @@ def test_repack_happens_once_per_weight(fake_repack):
 
 def test_in_place_writes_and_other_dtypes_repack(fake_repack):
     qdata, scale = _int4_weight(128, 256)
-    w1, _ = vllm_backend._marlin_weights(qdata, scale, 256, torch.bfloat16)
+    w1, _, _ = vllm_backend._marlin_weights(qdata, scale, None, 256, torch.bfloat16)
     other, _ = _int4_weight(128, 256, seed=1)
     qdata.copy_(other)                       # what an in-place LoRA patch does
-    w2, _ = vllm_backend._marlin_weights(qdata, scale, 256, torch.bfloat16)
+    w2, _, _ = vllm_backend._marlin_weights(qdata, scale, None, 256, torch.bfloat16)
     assert w2 is not w1 and torch.equal(w2, marlin.gptq_weight(other))
-    _, s16 = vllm_backend._marlin_weights(qdata, scale, 256, torch.float16)
+    _, s16, _ = vllm_backend._marlin_weights(qdata, scale, None, 256, torch.float16)
     assert s16.dtype == torch.float16 and len(fake_repack) == 3
     assert len(vllm_backend._MARLIN_CACHE) == 1   # still one weight
 
@@ -230,12 +230,12 @@ def test_cache_entry_goes_with_the_weight_memory(fake_repack):
     qdata, scale = _int4_weight(128, 256)
     layer.weight = torch.nn.Parameter(qdata, requires_grad=False)
     del qdata
-    vllm_backend._marlin_weights(layer.weight, scale, 256, torch.bfloat16)
+    vllm_backend._marlin_weights(layer.weight, scale, None, 256, torch.bfloat16)
     assert len(vllm_backend._MARLIN_CACHE) == 1
     layer.weight.data = layer.weight.data.clone()   # what Module.to(other device) does to a Parameter
     gc.collect()
     assert len(vllm_backend._MARLIN_CACHE) == 0     # the old memory, and its Marlin copy, are gone
-    vllm_backend._marlin_weights(layer.weight, scale, 256, torch.bfloat16)
+    vllm_backend._marlin_weights(layer.weight, scale, None, 256, torch.bfloat16)
     del layer
     gc.collect()
     assert len(vllm_backend._MARLIN_CACHE) == 0 and len(fake_repack) == 2
