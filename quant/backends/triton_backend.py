@@ -1,6 +1,7 @@
 """This pack's own Triton kernels (quant/kernels): the fast path with only torch + triton installed.
 
-- int8 W8A8: Triton per-token quant + Triton GEMM with the dequant fused into its epilogue.
+- int8 W8A8: Triton per-token quant + a GEMM with the dequant fused into its epilogue (on Hopper
+  written in Gluon, whose MMAs overlap; elsewhere in Triton).
 - fp8 W8A8: Triton per-token quant + the Triton GEMM (TMA, persistent, Hopper's fast fp8
   accumulation, as vLLM's CUTLASS fp8 kernels do); before Hopper, cuBLASLt's rowwise
   `torch._scaled_mm`.

@@ -24,15 +24,22 @@ from . import interpreted
 DIRECT = os.environ.get("QUANTDIT_TRITON_DIRECT_LAUNCH", "1") != "0"
 
 
-def _descriptor_type():
+def _descriptor_types():
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
-        return TensorDescriptor
     except ImportError:  # Triton < 3.4
-        return None
+        return None, ()
+    types = [TensorDescriptor]
+    try:
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+        types.append(GluonDescriptor)
+    except Exception:  # a Triton without Gluon
+        pass
+    return TensorDescriptor, tuple(types)
 
 
-TENSOR_DESCRIPTOR = _descriptor_type()  # Triton's host-side TMA descriptor class, None before 3.4
+# Triton's host-side TMA descriptor class (None before 3.4), and every descriptor class a launch may take
+TENSOR_DESCRIPTOR, _DESCRIPTORS = _descriptor_types()
 
 
 def call_key(values) -> tuple:
@@ -41,7 +48,7 @@ def call_key(values) -> tuple:
     for v in values:
         if isinstance(v, torch.Tensor):
             out.append((v.dtype, v.data_ptr() % 16 == 0))
-        elif TENSOR_DESCRIPTOR is not None and isinstance(v, TENSOR_DESCRIPTOR):
+        elif isinstance(v, _DESCRIPTORS):
             out.append((v.base.dtype, v.base.data_ptr() % 16 == 0, tuple(v.shape), tuple(v.strides)))
         else:
             out.append(v)

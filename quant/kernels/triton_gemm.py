@@ -6,10 +6,12 @@
 - `block_fp8_gemm`: fp8 with 1x128 activation groups and 128x128 weight blocks (the DeepGEMM
   recipe): the partial product of each 128-wide K step is scaled before it is accumulated.
 Tile sizes are autotuned per (M bucket, N, K) on the GPU; the CPU interpreter uses one small tile.
+int8 on Hopper runs gluon_gemm.py's kernel instead: Triton keeps int8 MMAs synchronous (see there).
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Optional
 
@@ -17,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreted
+from . import gluon_gemm, interpreted
 from .launch import TENSOR_DESCRIPTOR, Launcher
+
+log = logging.getLogger("quantdit")
 
 
 def _configs():
@@ -187,6 +191,9 @@ def _w8a8_persistent_kernel(a_desc, b_desc, y_desc, as_ptr, bs_ptr, bias_ptr, M,
 
 USE_TMA = os.environ.get("QUANTDIT_TRITON_TMA", "1") != "0"  # escape hatch, and for benchmarks
 PERSISTENT = os.environ.get("QUANTDIT_TRITON_PERSISTENT", "1") != "0"
+# int8 on Hopper runs the Gluon kernel (gluon_gemm.py) unless this is off or it failed to build once.
+USE_GLUON = os.environ.get("QUANTDIT_GLUON", "1") != "0"
+gluon_failure: Optional[str] = gluon_gemm.available()
 INTERPRET_TMA = False  # tests set it to run the Hopper (TMA) kernels in Triton's CPU interpreter
 
 
@@ -308,6 +315,23 @@ def _persistent(a_desc, b_desc, y_desc, a_s, b_s, bias, m, n, k, **meta):
     _w8a8_persistent_launch(grid, a_desc, b_desc, y_desc, a_s, b_s, bias, m, n, k, _m_bucket(m), NUM_SMS=sms, **meta)
 
 
+def _gluon_int8(xq, a_s, wq, b_s, bias, y) -> bool:
+    """Runs the Gluon int8 kernel into y; False (and the Triton kernel from then on) where this
+    Triton cannot build it."""
+    global gluon_failure
+    if not USE_GLUON or gluon_failure is not None or interpreted():
+        return False
+    try:
+        gluon_gemm.int8_gemm(xq, a_s, wq, b_s, bias_arg(bias, y) if bias is not None else None, y,
+                             _m_bucket(xq.shape[0]), _sm_count(_index(xq)))
+        return True
+    except Exception as e:  # Gluon is experimental: a Triton release may reject the kernel
+        gluon_failure = f"{type(e).__name__}: {e}"
+        log.warning("QuantDiT: the Gluon int8 GEMM does not build with Triton %s (%s); using the Triton kernel",
+                    triton.__version__, gluon_failure.splitlines()[0][:300])
+        return False
+
+
 def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """xq [M, K], x_scale [M, 1]; wq [N, K], w_scale [N, 1] (int8 or float8_e4m3fn) -> [M, N] out_dtype."""
@@ -325,6 +349,8 @@ def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
         a_desc = desc(xq, [m, k], [xq.stride(0), 1], [128, 128])   # block shapes set per config
         b_desc = desc(wq, [n, k], [wq.stride(0), 1], [128, 128])
         if PERSISTENT and _y_desc_ok(y):
+            if is_int and k >= gluon_gemm.MIN_K and _gluon_int8(xq, a_s, wq, b_s, bias, y):
+                return y
             _persistent(a_desc, b_desc, desc(y, [m, n], [y.stride(0), 1], [128, 128]), a_s, b_s, bias_ptr,
                         m, n, k, HAS_BIAS=bias is not None, IS_INT=is_int)
             return y

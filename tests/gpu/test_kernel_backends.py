@@ -10,7 +10,7 @@ import torch
 
 from quant import reference
 from quant.backends import get_backend, list_backends, pick_backend, quantized_linear, vllm_backend, why_not
-from quant.kernels import launch, triton_gemm, triton_int4, triton_quant, triton_weight_only
+from quant.kernels import gluon_gemm, launch, triton_gemm, triton_int4, triton_quant, triton_weight_only
 from quant.schemes import get_scheme
 
 pytestmark = pytest.mark.gpu
@@ -70,11 +70,12 @@ def test_triton_own_w8a8_gemm_matches_reference(scheme_name, m, k, n):
     assert float((y.float() - ref.float()).abs().max()) <= 0.01 * float(ref.float().abs().max())
 
 
-@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("persistent,gluon", [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
 @pytest.mark.parametrize("m,k,n", [(2, 3072, 18432), (4608, 15360, 3072), (32760, 5120, 5120)])
-def test_triton_hopper_kernels_match_reference(monkeypatch, persistent, scheme_name, m, k, n):
+def test_triton_hopper_kernels_match_reference(monkeypatch, persistent, gluon, scheme_name, m, k, n):
     monkeypatch.setattr(triton_gemm, "PERSISTENT", persistent)
+    monkeypatch.setattr(triton_gemm, "USE_GLUON", gluon)
     scheme = get_scheme(scheme_name)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     wq, ws = reference.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, scheme)
@@ -95,6 +96,63 @@ def rel_err(y, full):
     return float((y.float() - full).norm() / full.norm())
 
 
+def _count_gluon_calls(monkeypatch) -> list:
+    calls = []
+    real = gluon_gemm.int8_gemm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(gluon_gemm, "int8_gemm", counted)
+    return calls
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("m,k,n", [(4096, 3072, 3072), (1000, 3200, 3008), (77, 1536, 8960), (1, 5120, 5120),
+                                   (512, 640, 384), (4608, 15360, 3072)])
+def test_gluon_int8_gemm_is_exact_and_used_on_hopper(monkeypatch, m, k, n, with_bias, out_dtype):
+    """int8 W8A8 on Hopper runs the Gluon kernel (async MMAs); int32 accumulation is exact, so it
+    matches the reference up to the output rounding, at odd shapes, with and without bias."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the Gluon kernel is Hopper-only")
+    assert triton_gemm.gluon_failure is None, triton_gemm.gluon_failure
+    calls = _count_gluon_calls(monkeypatch)
+    scheme = get_scheme("int8-w8a8")
+    x = torch.randn(m, k, device=DEV, dtype=out_dtype)
+    wq, ws = reference.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, scheme)
+    b = torch.randn(n, device=DEV, dtype=out_dtype) if with_bias else None
+    xq, xs = reference.quantize_activation(x, scheme)
+    y = triton_gemm.w8a8_gemm(xq, xs, wq, ws, b, out_dtype)
+    exact = (xq.float() @ wq.float().t()) * xs.float().reshape(-1, 1) * ws.float().reshape(1, -1)
+    if b is not None:
+        exact += b.float()
+    assert calls == [(m, k)]
+    assert y.dtype == out_dtype
+    assert float((y.float() - exact).abs().max()) <= 2 ** -7 * float(exact.abs().max())
+    assert rel_err(y, exact) < 4e-3
+
+
+def test_gluon_build_failure_falls_back_to_the_triton_kernel(monkeypatch, caplog):
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the Gluon kernel is Hopper-only")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed (as a future Triton might)")
+    monkeypatch.setattr(gluon_gemm, "int8_gemm", broken)
+    monkeypatch.setattr(triton_gemm, "gluon_failure", None)
+    scheme = get_scheme("int8-w8a8")
+    x = torch.randn(256, 3072, device=DEV, dtype=torch.bfloat16)
+    wq, ws = reference.quantize_weight(torch.randn(1024, 3072, device=DEV) / 3072 ** 0.5, scheme)
+    xq, xs = reference.quantize_activation(x, scheme)
+    with caplog.at_level("WARNING", logger="quantdit"):
+        y = triton_gemm.w8a8_gemm(xq, xs, wq, ws, None, torch.bfloat16)
+    assert "PassManager::run failed" in triton_gemm.gluon_failure
+    assert "Gluon int8 GEMM does not build" in caplog.text
+    ref = reference.emulated_linear(x, wq, ws, scheme, None, 3072)
+    assert cos(y, ref) > 0.99999
+
+
 @pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
 def test_direct_launch_equals_triton_launch(monkeypatch, scheme_name):
     """The cached compiled-kernel launch (quant/kernels/launch.py) gives what Triton's own launch
@@ -112,7 +170,10 @@ def test_direct_launch_equals_triton_launch(monkeypatch, scheme_name):
         monkeypatch.setattr(launch, "DIRECT", False)
         through_triton = backend.linear(x, wq, ws, b, scheme, k)
         assert torch.equal(direct[0], through_triton) and torch.equal(direct[1], through_triton), m
-    assert triton_gemm._w8a8_persistent_launch.cache, "no launch went through the compiled-kernel cache"
+    if scheme_name == "int8-w8a8" and torch.cuda.get_device_capability() >= (9, 0):
+        assert gluon_gemm._launcher().cache, "the Gluon kernel's launches skipped the compiled-kernel cache"
+    else:
+        assert triton_gemm._w8a8_persistent_launch.cache, "no launch went through the compiled-kernel cache"
 
 
 @pytest.mark.parametrize("scheme_name", ["int8-weight-only", "fp8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from quant.kernels import launch, triton_quant
+from quant.kernels import gluon_gemm, launch, triton_gemm, triton_quant
 
 
 def test_key_holds_integers_by_value():
@@ -33,6 +33,20 @@ def test_key_holds_descriptor_shape_and_strides():
     d2 = TensorDescriptor(base[:32], [32, 256], [256, 1], [32, 128])
     assert launch.call_key([d1]) == launch.call_key([TensorDescriptor(base, [64, 256], [256, 1], [32, 128])])
     assert launch.call_key([d1]) != launch.call_key([d2])
+
+
+def test_gluon_kernel_builds_with_this_triton_and_its_descriptors_key_like_tritons():
+    """The int8 Hopper kernel (gluon_gemm.py) needs Triton's experimental Gluon; with the Triton
+    this project installs it must import (else int8 silently loses its fast kernel), and its
+    descriptors must key a cached launch by shape and strides, as Triton's own do."""
+    assert gluon_gemm.available() is None, gluon_gemm.available()
+    assert triton_gemm.gluon_failure is None
+    base = torch.zeros(256, 640, dtype=torch.int8)
+    d1 = gluon_gemm._descriptor(base, (128, 128))
+    same = gluon_gemm._descriptor(torch.zeros(256, 640, dtype=torch.int8), (128, 128))
+    assert launch.call_key([d1]) == launch.call_key([same])
+    assert launch.call_key([d1]) != launch.call_key([gluon_gemm._descriptor(base[:128], (128, 128))])
+    hash(launch.call_key([d1]))
 
 
 def test_interpreter_launches_are_never_cached():
