@@ -316,14 +316,13 @@ def _persistent(a_desc, b_desc, y_desc, a_s, b_s, bias, m, n, k, **meta):
 
 
 def _gluon_int8(xq, a_s, wq, b_s, bias, y) -> bool:
-    """Runs the Gluon int8 kernel into y; False (and the Triton kernel from then on) where this
+    """Runs the Gluon int8 kernel into y (bias: None or contiguous); False (and the Triton kernel from then on) where this
     Triton cannot build it."""
     global gluon_failure
     if not USE_GLUON or gluon_failure is not None or interpreted():
         return False
     try:
-        gluon_gemm.int8_gemm(xq, a_s, wq, b_s, bias_arg(bias, y) if bias is not None else None, y,
-                             _m_bucket(xq.shape[0]), _sm_count(_index(xq)))
+        gluon_gemm.int8_gemm(xq, a_s, wq, b_s, bias, y, _m_bucket(xq.shape[0]), _sm_count(_index(xq)))
         return True
     except Exception as e:  # Gluon is experimental: a Triton release may reject the kernel
         gluon_failure = f"{type(e).__name__}: {e}"
@@ -345,12 +344,14 @@ def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
         b_s = b_s.reshape(1).expand(n).contiguous()
     bias_ptr = bias_arg(bias, y)
     if hopper_ready(xq, wq):
+        persistent = PERSISTENT and _y_desc_ok(y)
+        if (persistent and is_int and k >= gluon_gemm.MIN_K
+                and _gluon_int8(xq, a_s, wq, b_s, None if bias is None else bias_ptr, y)):
+            return y
         desc = TENSOR_DESCRIPTOR
         a_desc = desc(xq, [m, k], [xq.stride(0), 1], [128, 128])   # block shapes set per config
         b_desc = desc(wq, [n, k], [wq.stride(0), 1], [128, 128])
-        if PERSISTENT and _y_desc_ok(y):
-            if is_int and k >= gluon_gemm.MIN_K and _gluon_int8(xq, a_s, wq, b_s, bias, y):
-                return y
+        if persistent:
             _persistent(a_desc, b_desc, desc(y, [m, n], [y.stride(0), 1], [128, 128]), a_s, b_s, bias_ptr,
                         m, n, k, HAS_BIAS=bias is not None, IS_INT=is_int)
             return y
