@@ -78,6 +78,13 @@ if _IMPORT_ERROR is None:
         _tma_load(b_desc, [off_n, k], bar, b_bufs.index(slot))
 
     @gluon.jit
+    def _prefetch_tile(a_desc, b_desc, a_bufs, b_bufs, bars, first_step, off_m, off_n, STAGES: gl.constexpr):
+        # The first STAGES-1 K steps of a tile, into the ring slots that follow `first_step`.
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        for i in gl.static_range(STAGES - 1):
+            _load_step(a_desc, b_desc, a_bufs, b_bufs, bars, first_step + i, off_m, off_n, i * BLOCK_K, STAGES)
+
+    @gluon.jit
     def _tile_origin(tile, tiles_m, tiles_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
         # Grouped order: GROUP_M row tiles share the weight tiles they read while those sit in L2.
         per_group = GROUP_M * tiles_n
@@ -105,8 +112,7 @@ if _IMPORT_ERROR is None:
         k_steps = gl.cdiv(K, BLOCK_K)
         tile = gl.program_id(0)
         off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
-        for i in gl.static_range(STAGES - 1):
-            _load_step(a_desc, b_desc, a_bufs, b_bufs, bars, i, off_m, off_n, i * BLOCK_K, STAGES)
+        _prefetch_tile(a_desc, b_desc, a_bufs, b_bufs, bars, 0, off_m, off_n, STAGES)
 
         base = 0  # K steps consumed before this tile, over all of this program's tiles
         for tile in range(gl.program_id(0), tiles_m * tiles_n, NUM_SMS):
@@ -129,8 +135,7 @@ if _IMPORT_ERROR is None:
             nxt = tile + NUM_SMS
             if nxt < tiles_m * tiles_n:  # the next tile's first loads overlap this epilogue
                 next_m, next_n = _tile_origin(nxt, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
-                for i in gl.static_range(STAGES - 1):
-                    _load_step(a_desc, b_desc, a_bufs, b_bufs, bars, base + i, next_m, next_n, i * BLOCK_K, STAGES)
+                _prefetch_tile(a_desc, b_desc, a_bufs, b_bufs, bars, base, next_m, next_n, STAGES)
 
             offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
             offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))

@@ -316,8 +316,8 @@ def _persistent(a_desc, b_desc, y_desc, a_s, b_s, bias, m, n, k, **meta):
 
 
 def _gluon_int8(xq, a_s, wq, b_s, bias, y) -> bool:
-    """Runs the Gluon int8 kernel into y (bias: None or contiguous); False (and the Triton kernel from then on) where this
-    Triton cannot build it."""
+    """Runs the Gluon int8 kernel into y (bias: None or contiguous); False, and the Triton kernel
+    from then on, where this Triton cannot build it."""
     global gluon_failure
     if not USE_GLUON or gluon_failure is not None or interpreted():
         return False

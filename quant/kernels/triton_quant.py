@@ -3,8 +3,9 @@
 Same math as quant/reference.py, bit for bit: scale = max(amax, 1e-12) / qmax and 1 / scale with
 IEEE-rounded divisions (Triton's default `/` is approximate on GPUs), q = x * (1 / scale); int8
 rounds half to even and both formats saturate. On the GPU the rounding is one hardware instruction
-(cvt.rni / the fp8 convert); Triton's CPU interpreter lacks both, so there it is spelled out. One program reads a row once when it fits in
-registers (K <= 16384 covers every DiT width), otherwise in two passes."""
+(cvt.rni / the fp8 convert); Triton's CPU interpreter lacks both, so there it is spelled out.
+One program reads a row once when it fits in registers (K <= 16384 covers every DiT width),
+otherwise in two passes."""
 from __future__ import annotations
 
 import torch
