@@ -109,17 +109,18 @@ def quant_only_rows(x, dev, timer):
     return out
 
 
-def with_flag(fn, name, value):
-    """The same backend with one of the Triton GEMM's switches set (e.g. no persistent kernel)."""
-    from quant.kernels import triton_gemm
+def with_flag(fn, name, value, module="triton_gemm"):
+    """The same backend with one of the GEMM kernels' switches set (e.g. no persistent kernel)."""
+    import importlib
+    kernels = importlib.import_module(f"quant.kernels.{module}")
 
     def run(*args):
-        old = getattr(triton_gemm, name)
-        setattr(triton_gemm, name, value)
+        old = getattr(kernels, name)
+        setattr(kernels, name, value)
         try:
             return fn(*args)
         finally:
-            setattr(triton_gemm, name, old)
+            setattr(kernels, name, old)
     return run
 
 
@@ -131,6 +132,8 @@ def variants_for(scheme, dev):
         if scheme.name in ("fp8-w8a8", "int8-w8a8"):
             gemm = own_fp8_gemm if scheme.name == "fp8-w8a8" else get_backend("triton").linear
             out.append(("triton-not-persistent", with_flag(gemm, "PERSISTENT", False)))
+        if scheme.name == "int8-w8a8":
+            out.append(("triton-no-pingpong", with_flag(gemm, "USE_PINGPONG", False, "gluon_gemm")))
     return out
 
 

@@ -7,17 +7,23 @@ issuing the next, and ran 10-18% slower than the same kernel in fp8. Gluon state
 explicitly: each MMA is issued asynchronously and waited one step later, while TMA loads run
 STAGES-1 steps ahead.
 
-Persistent: one program per SM walks the output tiles in grouped order; the first loads of a
-program's next tile are issued before the epilogue of its current one. The epilogue applies the
-per-token x per-channel scales and the bias, and stores the tile through shared memory with TMA.
+Persistent, tiles in grouped order, with two schedules that one autotuner chooses between:
+- plain: every warp loads and multiplies; the first loads of a program's next tile are issued
+  before the epilogue of its current one, but the epilogue still stalls the tensor cores.
+- ping-pong (warp-specialized): one warp issues every TMA load; two MMA warpgroups take alternate
+  tiles, handing the tensor cores over at the end of each tile's K loop, so one warpgroup's
+  epilogue runs while the other's MMAs do. It won on most Flux and Wan shapes (H100).
+The epilogue applies the per-token x per-channel scales and the bias, and stores the tile
+through shared memory with TMA.
 
 Gluon is experimental and its names move between Triton releases; `available()` says whether
-this Triton has what the kernel needs, and the caller falls back to the plain Triton kernel
-otherwise (or when the kernel fails to compile, see triton_gemm.w8a8_gemm).
+this Triton has what the kernel needs; the caller falls back
+otherwise (or when the kernel fails to compile, see triton_gemm.w8a8_gemm): Triton's own int8 kernel runs.
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -49,11 +55,19 @@ def available() -> Optional[str]:
 
 
 BLOCK_K = 128
-# (BLOCK_M, BLOCK_N, STAGES, num_warps), autotuned per (token bucket, N, K): 128x256 keeps the
-# tensor cores busiest on the large GEMMs, 128x128 with deeper prefetch won on Flux's linear2
-# and qkv (H100), 64x128 gives few-row GEMMs more tiles than SMs.
-TILES = ((128, 256, 3, 8), (128, 256, 4, 8), (128, 128, 5, 4), (128, 128, 4, 8), (64, 128, 6, 4))
-MIN_K = (max(t[2] for t in TILES) - 1) * BLOCK_K  # every config prefetches STAGES-1 K steps of each tile
+# (BLOCK_M, BLOCK_N, STAGES, num_warps) of the plain schedule, autotuned per (token bucket, N, K):
+# 128x256 keeps the tensor cores busiest on the large GEMMs, 128x128 with deeper prefetch won on
+# Flux's linear2 (H100), 64x128 gives few-row GEMMs more tiles than SMs. Each fits in sm_90's 227 KiB
+# of shared memory (tests/unit/test_gluon_compile.py): 128x256 with 4 stages would need 256 KiB.
+TILES = ((128, 256, 3, 8), (128, 128, 5, 4), (128, 128, 4, 8), (64, 128, 6, 4))
+# (BLOCK_M, BLOCK_N, STAGES) of the ping-pong schedule, tuned alongside TILES: a 128x128 int32
+# accumulator is what one warpgroup's registers hold. It won on Flux proj, mlp.0, qkv and linear1
+# and on Wan's attention and ffn.0 (H100, GEMM alone); the plain schedule kept linear2 and mlp.2.
+PINGPONG_TILES = ((128, 128, 4), (128, 128, 5))
+# Registers per thread in the ping-pong kernel: the launch asks for 168 (three warpgroups of 128
+# threads fill the SM's 64K), then each MMA warpgroup takes 232 and the loader's warpgroup keeps 40.
+PINGPONG_REGS = (168, 232, 40)
+MIN_K = (max(t[2] for t in TILES) - 1) * BLOCK_K  # the plain schedule prefetches STAGES-1 K steps of a tile
 
 
 if _IMPORT_ERROR is None:
@@ -93,10 +107,28 @@ if _IMPORT_ERROR is None:
         return (first_m + (tile % per_group) % size_m) * BLOCK_M, ((tile % per_group) // size_m) * BLOCK_N
 
     @gluon.jit
-    def _int8_gemm_kernel(a_desc, b_desc, y_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET,
-                          HAS_BIAS: gl.constexpr, NUM_SMS: gl.constexpr, GROUP_M: gl.constexpr,
-                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                          num_warps: gl.constexpr):
+    def _store_tile(acc, y_desc, y_smem, as_ptr, bs_ptr, bias_ptr, off_m, off_n, M, N, HAS_BIAS: gl.constexpr):
+        # Epilogue: int32 -> fp32 times the token and channel scales, plus bias, stored through y_smem.
+        BLOCK_M: gl.constexpr = acc.shape[0]
+        BLOCK_N: gl.constexpr = acc.shape[1]
+        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc.type.layout))
+        a_s = gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
+        b_s = gl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
+        out = acc.to(gl.float32) * gl.expand_dims(a_s, 1) * gl.expand_dims(b_s, 0)
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            out = out + gl.expand_dims(bias.to(gl.float32), 0)
+        tma.store_wait(pendings=0)  # the store of this buffer's previous tile has left it
+        y_smem.store(out.to(y_desc.dtype))
+        fence_async_shared()
+        _tma_store(y_desc, [off_m, off_n], y_smem)
+
+    @gluon.jit
+    def _pipelined(a_desc, b_desc, y_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, HAS_BIAS: gl.constexpr,
+                   NUM_SMS: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, num_warps: gl.constexpr):
+        # All warps load and multiply; a tile's epilogue stalls the tensor cores.
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
 
@@ -137,21 +169,105 @@ if _IMPORT_ERROR is None:
                 next_m, next_n = _tile_origin(nxt, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
                 _prefetch_tile(a_desc, b_desc, a_bufs, b_bufs, bars, base, next_m, next_n, STAGES)
 
-            offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-            offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-            a_s = gl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
-            b_s = gl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
-            out = acc.to(gl.float32) * gl.expand_dims(a_s, 1) * gl.expand_dims(b_s, 0)
-            if HAS_BIAS:
-                bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-                out = out + gl.expand_dims(bias.to(gl.float32), 0)
-            tma.store_wait(pendings=0)  # the previous tile's store has left y_smem
-            y_smem.store(out.to(y_desc.dtype))
-            fence_async_shared()
-            _tma_store(y_desc, [off_m, off_n], y_smem)
+            _store_tile(acc, y_desc, y_smem, as_ptr, bs_ptr, bias_ptr, off_m, off_n, M, N, HAS_BIAS)
         tma.store_wait(pendings=0)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
+
+    @gluon.jit
+    def _ws_producer(args, CONSUMER: gl.constexpr, HAS_BIAS: gl.constexpr, NUM_SMS: gl.constexpr,
+                     GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        # One warp: issues every TMA load of this program's tiles, in the order the consumers take them.
+        a_desc, b_desc, y_desc, a_bufs, b_bufs, y_bufs, ready, empty, turn, as_ptr, bs_ptr, bias_ptr, M, N, K = args
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        tiles_m = gl.cdiv(M, BLOCK_M)
+        tiles_n = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        step = 0
+        for tile in range(gl.program_id(0), tiles_m * tiles_n, NUM_SMS):
+            off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+            for ks in range(k_steps):
+                slot = step % STAGES
+                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)  # the first round passes
+                bar = ready.index(slot)
+                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                _tma_load(a_desc, [off_m, ks * BLOCK_K], bar, a_bufs.index(slot))
+                _tma_load(b_desc, [off_n, ks * BLOCK_K], bar, b_bufs.index(slot))
+                step += 1
+
+    @gluon.jit
+    def _ws_consumer(args, CONSUMER: gl.constexpr, HAS_BIAS: gl.constexpr, NUM_SMS: gl.constexpr,
+                     GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        # One warpgroup: MMAs and epilogue of every other tile of this program. The two consumers take
+        # turns at the tensor cores, so one's epilogue runs while the other's MMAs do.
+        a_desc, b_desc, y_desc, a_bufs, b_bufs, y_bufs, ready, empty, turn, as_ptr, bs_ptr, bias_ptr, M, N, K = args
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, 4)
+        y_smem = y_bufs.index(CONSUMER)
+        tiles_m = gl.cdiv(M, BLOCK_M)
+        tiles_n = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        mine = 0
+        for tile in range(gl.program_id(0) + CONSUMER * NUM_SMS, tiles_m * tiles_n, 2 * NUM_SMS):
+            off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
+            base = (2 * mine + CONSUMER) * k_steps  # ring steps taken before this tile
+            # Wait for the other consumer to have taken all of its tile's K steps: the ring's barriers
+            # then stand at most one phase behind this tile's steps, and the MMAs do not interleave.
+            mbarrier.wait(turn.index(CONSUMER), (mine & 1) ^ (1 - CONSUMER))
+            acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=layout)
+            for ks in range(k_steps):
+                step = base + ks
+                slot = step % STAGES
+                mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+                acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                if ks > 0:  # the previous step's MMA is done: its slot may be refilled
+                    mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
+            mbarrier.arrive(turn.index(1 - CONSUMER), count=1)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index((base + k_steps - 1) % STAGES), count=1)
+
+            _store_tile(acc, y_desc, y_smem, as_ptr, bs_ptr, bias_ptr, off_m, off_n, M, N, HAS_BIAS)
+            mine += 1
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _pingpong(a_desc, b_desc, y_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, HAS_BIAS: gl.constexpr,
+                  NUM_SMS: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr):
+        # Warp-specialized: one loader warp and two MMA warpgroups taking alternate tiles (see _ws_consumer).
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        y_bufs = gl.allocate_shared_memory(y_desc.dtype, [2] + y_desc.block_type.shape, y_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        args = (a_desc, b_desc, y_desc, a_bufs, b_bufs, y_bufs, ready, empty, turn, as_ptr, bs_ptr, bias_ptr, M, N, K)
+        gl.warp_specialize([
+            (_ws_consumer, (args, 0, HAS_BIAS, NUM_SMS, GROUP_M, BLOCK_M, BLOCK_N)),
+            (_ws_consumer, (args, 1, HAS_BIAS, NUM_SMS, GROUP_M, BLOCK_M, BLOCK_N)),
+            (_ws_producer, (args, 0, HAS_BIAS, NUM_SMS, GROUP_M, BLOCK_M, BLOCK_N)),
+        ], [4, 1], [232, 40])  # PINGPONG_REGS
+
+    @gluon.jit
+    def _gemm_kernel(a_desc, b_desc, y_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET,
+                     HAS_BIAS: gl.constexpr, NUM_SMS: gl.constexpr, GROUP_M: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                     num_warps: gl.constexpr):
+        # One kernel for both schedules, so one autotuner picks among all of their tiles.
+        if PINGPONG:
+            _pingpong(a_desc, b_desc, y_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, HAS_BIAS, NUM_SMS, GROUP_M,
+                      BLOCK_M, BLOCK_N, STAGES)
+        else:
+            _pipelined(a_desc, b_desc, y_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, HAS_BIAS, NUM_SMS, GROUP_M,
+                       BLOCK_M, BLOCK_N, STAGES, num_warps)
 
     _TORCH_TO_GL = {torch.int8: gl.int8, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
@@ -174,22 +290,52 @@ def _set_blocks(nargs):
         desc.layout = _shared_layout(block, desc.base.dtype)
 
 
-@functools.lru_cache(maxsize=1)
-def _launcher():
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages}, num_warps=warps, pre_hook=_set_blocks)
-               for bm, bn, stages, warps in TILES]
-    return Launcher(triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])(_int8_gemm_kernel))
+def configs() -> list:
+    """Every (schedule, tile) the autotuner chooses from."""
+    plain = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages, "PINGPONG": False}, num_warps=warps,
+                           pre_hook=_set_blocks) for bm, bn, stages, warps in TILES]
+    pingpong = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages, "PINGPONG": True}, num_warps=4,
+                              maxnreg=PINGPONG_REGS[0], pre_hook=_set_blocks) for bm, bn, stages in PINGPONG_TILES]
+    return plain + pingpong
+
+
+# Escape hatch (and for benchmarks): QUANTDIT_PINGPONG=0 tunes over the plain schedule only.
+USE_PINGPONG = os.environ.get("QUANTDIT_PINGPONG", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher(pingpong: bool = True):
+    tuned = [c for c in configs() if pingpong or not c.kwargs["PINGPONG"]]
+    return Launcher(triton.autotune(configs=tuned, key=["M_BUCKET", "N", "K"])(_gemm_kernel))
+
+
+def _arguments(xq, a_s, wq, b_s, bias, y, m_bucket: int, sms: int):
+    m, k = xq.shape
+    n = wq.shape[0]
+    first = (128, BLOCK_K)  # the chosen config's pre-hook sets the block shapes
+    return ((_descriptor(xq, first), _descriptor(wq, first), _descriptor(y, (128, 128)), a_s, b_s,
+             y if bias is None else bias, m, n, k, m_bucket),
+            dict(HAS_BIAS=bias is not None, NUM_SMS=sms, GROUP_M=8))
+
+
+def _grid(m: int, n: int, sms: int):
+    return lambda cfg: (min(sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)
 
 
 def int8_gemm(xq, a_s, wq, b_s, bias, y, m_bucket: int, sms: int):
     """y[M, N] = (xq @ wq^T) * a_s[:, None] * b_s[None, :] (+ bias), written into y. xq [M, K] and
     wq [N, K] int8 with 16-byte aligned rows, K >= MIN_K; a_s [M], b_s [N] contiguous fp32;
     y [M, N] bf16/fp16 with 16-byte aligned rows."""
-    m, k = xq.shape
-    n = wq.shape[0]
-    grid = lambda cfg: (min(sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)  # noqa: E731
-    first = (128, BLOCK_K)
-    _launcher()(grid, _descriptor(xq, first), _descriptor(wq, first), _descriptor(y, (128, 128)), a_s, b_s,
-                y if bias is None else bias, m, n, k, m_bucket, HAS_BIAS=bias is not None, NUM_SMS=sms,
-                GROUP_M=8)
+    args, meta = _arguments(xq, a_s, wq, b_s, bias, y, m_bucket, sms)
+    _launcher(USE_PINGPONG)(_grid(xq.shape[0], wq.shape[0], sms), *args, **meta)
+    return y
+
+
+def int8_gemm_with(config, xq, a_s, wq, b_s, bias, y, sms: int):
+    """int8_gemm through one given config of `configs()`, not the tuned one (for tests)."""
+    args, meta = _arguments(xq, a_s, wq, b_s, bias, y, 0, sms)
+    named = dict(zip(_gemm_kernel.arg_names, args), **meta, **config.kwargs)
+    config.pre_hook(named)
+    _gemm_kernel[_grid(xq.shape[0], wq.shape[0], sms)(named)](
+        *args, **meta, **config.kwargs, num_warps=config.num_warps, maxnreg=config.maxnreg)
     return y

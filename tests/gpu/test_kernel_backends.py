@@ -133,6 +133,26 @@ def test_gluon_int8_gemm_is_exact_and_used_on_hopper(monkeypatch, m, k, n, with_
     assert rel_err(y, exact) < 4e-3
 
 
+@pytest.mark.parametrize("config", gluon_gemm.configs(), ids=lambda c: "-".join(f"{v}" for v in c.kwargs.values()))
+@pytest.mark.parametrize("m,k,n", [(4096, 3072, 3072), (1000, 3200, 3008), (1, 5120, 5120), (512, 640, 384),
+                                   (2000, 1536, 136)])
+def test_every_gluon_config_is_exact(config, m, k, n):
+    """Each schedule and tile the autotuner may pick, not only the one it picks here: ping-pong
+    with an odd tile count per program (one warpgroup takes one more tile), one row, K=640."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the Gluon kernel is Hopper-only")
+    torch.manual_seed(m + n)
+    xq = torch.randint(-127, 128, (m, k), device=DEV, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (n, k), device=DEV, dtype=torch.int8)
+    a_s, b_s = torch.rand(m, device=DEV) / 100, torch.rand(n, device=DEV) / 100
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    y = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
+    gluon_gemm.int8_gemm_with(config, xq, a_s, wq, b_s, bias, y, torch.cuda.get_device_properties(DEV).multi_processor_count)
+    exact = (xq.double() @ wq.double().t()) * a_s.double()[:, None] * b_s.double()[None, :] + bias.double()
+    assert not y.isnan().any(), "some output tiles were never written"
+    assert float((y.double() - exact).abs().max()) <= 2 ** -8 * float(exact.abs().max())
+
+
 def test_gluon_build_failure_falls_back_to_the_triton_kernel(monkeypatch, caplog):
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the Gluon kernel is Hopper-only")
@@ -171,7 +191,7 @@ def test_direct_launch_equals_triton_launch(monkeypatch, scheme_name):
         through_triton = backend.linear(x, wq, ws, b, scheme, k)
         assert torch.equal(direct[0], through_triton) and torch.equal(direct[1], through_triton), m
     if scheme_name == "int8-w8a8" and torch.cuda.get_device_capability() >= (9, 0):
-        assert gluon_gemm._launcher().cache, "the Gluon kernel's launches skipped the compiled-kernel cache"
+        assert gluon_gemm._launcher(gluon_gemm.USE_PINGPONG).cache, "the Gluon kernel's launches skipped the compiled-kernel cache"
     else:
         assert triton_gemm._w8a8_persistent_launch.cache, "no launch went through the compiled-kernel cache"
 
