@@ -3,6 +3,7 @@ them only after `triton_missing()` returned None. Under TRITON_INTERPRET=1 the s
 on the CPU (slowly), which is how CI tests them against quant/reference.py."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -17,6 +18,8 @@ def triton_missing() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def interpreted() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (tests without a GPU)."""
+    """True when Triton runs kernels in its CPU interpreter (tests without a GPU). Read once: Triton
+    itself decides at import, when it decorates the kernels, and this is asked on every launch."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
