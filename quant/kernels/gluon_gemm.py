@@ -55,6 +55,7 @@ def available() -> Optional[str]:
 
 
 BLOCK_K = 128
+GROUP_M = 8  # row tiles that share weight tiles in L2 (grouped tile order)
 # (BLOCK_M, BLOCK_N, STAGES, num_warps) of the plain schedule, autotuned per (token bucket, N, K):
 # 128x256 keeps the tensor cores busiest on the large GEMMs, 128x128 with deeper prefetch won on
 # Flux's linear2 (H100), 64x128 gives few-row GEMMs more tiles than SMs. Each fits in sm_90's 227 KiB
@@ -315,19 +316,49 @@ def _arguments(xq, a_s, wq, b_s, bias, y, m_bucket: int, sms: int):
     first = (128, BLOCK_K)  # the chosen config's pre-hook sets the block shapes
     return ((_descriptor(xq, first), _descriptor(wq, first), _descriptor(y, (128, 128)), a_s, b_s,
              y if bias is None else bias, m, n, k, m_bucket),
-            dict(HAS_BIAS=bias is not None, NUM_SMS=sms, GROUP_M=8))
+            dict(HAS_BIAS=bias is not None, NUM_SMS=sms, GROUP_M=GROUP_M))
 
 
 def _grid(m: int, n: int, sms: int):
     return lambda cfg: (min(sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)
 
 
+# (shapes, strides, dtypes, alignments, schedule set) -> (compiled kernel, its config, grid): what the
+# Launcher chose for such a call, relaunched with no autotuner bookkeeping or pre-hook (each costs
+# host time on every one of a DiT step's hundreds of linears).
+_chosen: dict[tuple, tuple] = {}
+
+
+def _fast_key(xq, a_s, wq, b_s, bias, y, m_bucket, sms) -> tuple:
+    # Everything the Launcher's key holds for these arguments, read cheaply: xq, wq are int8 and
+    # a_s, b_s fp32 by contract, and the TMA path has already checked the operands' alignment.
+    m, k = xq.shape
+    return (m, wq.shape[0], k, m_bucket, sms, xq.stride(0), wq.stride(0), y.stride(0), y.dtype,
+            None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0),
+            a_s.data_ptr() % 16 == 0, b_s.data_ptr() % 16 == 0, USE_PINGPONG)
+
+
 def int8_gemm(xq, a_s, wq, b_s, bias, y, m_bucket: int, sms: int):
     """y[M, N] = (xq @ wq^T) * a_s[:, None] * b_s[None, :] (+ bias), written into y. xq [M, K] and
     wq [N, K] int8 with 16-byte aligned rows, K >= MIN_K; a_s [M], b_s [N] contiguous fp32;
     y [M, N] bf16/fp16 with 16-byte aligned rows."""
+    key = _fast_key(xq, a_s, wq, b_s, bias, y, m_bucket, sms)
+    hit = _chosen.get(key)
+    if hit is not None:
+        kernel, cfg, grid = hit
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        kernel[grid](_descriptor(xq, (bm, BLOCK_K)), _descriptor(wq, (bn, BLOCK_K)), _descriptor(y, (bm, bn)),
+                     a_s, b_s, y if bias is None else bias, *key[:4], bias is not None, sms, GROUP_M,
+                     bm, bn, cfg["STAGES"], cfg["PINGPONG"], cfg["num_warps"])
+        return y
     args, meta = _arguments(xq, a_s, wq, b_s, bias, y, m_bucket, sms)
-    _launcher(USE_PINGPONG)(_grid(xq.shape[0], wq.shape[0], sms), *args, **meta)
+    launcher = _launcher(USE_PINGPONG)
+    grid = _grid(xq.shape[0], wq.shape[0], sms)
+    launcher(grid, *args, **meta)
+    chosen = launcher.chosen(args, meta)
+    if chosen is not None:
+        kernel, cfg = chosen
+        _chosen[key] = (kernel, cfg, grid(cfg) + (1, 1))
     return y
 
 

@@ -85,3 +85,13 @@ class Launcher:
             pre_hook(named)
         g = grid(named) if callable(grid) else grid
         kernel[(g + (1, 1))[:3]](*[named[n] for n in self.names])  # the compiled kernel takes x, y, z
+
+    def chosen(self, args, kwargs):
+        """(compiled kernel, config kwargs) that a launch with these arguments was cached under,
+        or None (not launched yet, or launches are not cached)."""
+        if not DIRECT or interpreted():
+            return None
+        named = dict(zip(self.names, args))
+        named.update(kwargs)
+        hit = self.cache.get(call_key(named.values()))
+        return None if hit is None else hit[:2]

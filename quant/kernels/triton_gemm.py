@@ -230,8 +230,7 @@ def hopper_ready(xq: torch.Tensor, wq: torch.Tensor) -> bool:
 
 
 def _index(t: torch.Tensor) -> int:
-    index = t.device.index
-    return index if index is not None else torch.cuda.current_device()
+    return t.get_device()  # a CUDA tensor's device index, without building a torch.device
 
 
 def _set_persistent_blocks(nargs):

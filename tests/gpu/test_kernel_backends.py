@@ -153,6 +153,40 @@ def test_every_gluon_config_is_exact(config, m, k, n):
     assert float((y.double() - exact).abs().max()) <= 2 ** -8 * float(exact.abs().max())
 
 
+def test_gluon_relaunch_skips_the_launcher_and_gives_the_same_result(monkeypatch):
+    """A call shaped like an earlier one reuses the compiled kernel and config chosen then (fewer
+    microseconds of host time per linear); shapes, bias and output dtype still pick their own."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the Gluon kernel is Hopper-only")
+    monkeypatch.setattr(gluon_gemm, "_chosen", {})
+    launcher_calls = []
+    real = gluon_gemm._launcher
+
+    def counted(pingpong):
+        launcher_calls.append(pingpong)
+        return real(pingpong)
+    monkeypatch.setattr(gluon_gemm, "_launcher", counted)
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    for m, k, n, with_bias, dtype in [(4096, 3072, 3072, False, torch.bfloat16), (77, 3072, 3072, False, torch.bfloat16),
+                                      (4096, 3072, 3072, True, torch.bfloat16), (4096, 3072, 3072, True, torch.float16)]:
+        xq = torch.randint(-127, 128, (m, k), device=DEV, dtype=torch.int8)
+        wq = torch.randint(-127, 128, (n, k), device=DEV, dtype=torch.int8)
+        a_s, b_s = torch.rand(m, device=DEV) / 100, torch.rand(n, device=DEV) / 100
+        bias = torch.randn(n, device=DEV, dtype=dtype) if with_bias else None
+        first = gluon_gemm.int8_gemm(xq, a_s, wq, b_s, bias, torch.empty(m, n, device=DEV, dtype=dtype),
+                                     triton_gemm._m_bucket(m), sms)
+        before = len(launcher_calls)
+        again = gluon_gemm.int8_gemm(xq, a_s, wq, b_s, bias, torch.empty(m, n, device=DEV, dtype=dtype),
+                                     triton_gemm._m_bucket(m), sms)
+        assert len(launcher_calls) == before, "the second call went through the Launcher again"
+        assert torch.equal(first, again)
+        exact = (xq.double() @ wq.double().t()) * a_s.double()[:, None] * b_s.double()[None, :]
+        if bias is not None:
+            exact += bias.double()
+        assert float((again.double() - exact).abs().max()) <= 2 ** -8 * float(exact.abs().max())
+    assert len(gluon_gemm._chosen) == 4 and len(launcher_calls) == 4
+
+
 def test_gluon_build_failure_falls_back_to_the_triton_kernel(monkeypatch, caplog):
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the Gluon kernel is Hopper-only")
