@@ -179,6 +179,7 @@ if _IMPORT_ERROR is None:
     def _ws_producer(args, CONSUMER: gl.constexpr, HAS_BIAS: gl.constexpr, NUM_SMS: gl.constexpr,
                      GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
         # One warp: issues every TMA load of this program's tiles, in the order the consumers take them.
+        # (Same parameters as _ws_consumer, as warp_specialize's worker partitions have had to share one.)
         a_desc, b_desc, y_desc, a_bufs, b_bufs, y_bufs, ready, empty, turn, as_ptr, bs_ptr, bias_ptr, M, N, K = args
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
