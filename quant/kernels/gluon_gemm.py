@@ -72,6 +72,8 @@ MIN_K = (max(t[2] for t in TILES) - 1) * BLOCK_K  # the plain schedule prefetche
 
 
 if _IMPORT_ERROR is None:
+    _MMA_REGS = gl.constexpr(PINGPONG_REGS[1])
+    _LOADER_REGS = gl.constexpr(PINGPONG_REGS[2])
 
     @gluon.constexpr_function
     def _mma_layout(block_m, block_n, num_warps):
@@ -91,6 +93,16 @@ if _IMPORT_ERROR is None:
         mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
         _tma_load(a_desc, [off_m, k], bar, a_bufs.index(slot))
         _tma_load(b_desc, [off_n, k], bar, b_bufs.index(slot))
+
+    @gluon.jit
+    def _mma_step(a_bufs, b_bufs, ready, step, acc):
+        # Waits for ring step `step`'s tiles, issues its MMA asynchronously and waits for the one
+        # before it: on return the previous step's slot is free to refill.
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        slot = step % STAGES
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
 
     @gluon.jit
     def _prefetch_tile(a_desc, b_desc, a_bufs, b_bufs, bars, first_step, off_m, off_n, STAGES: gl.constexpr):
@@ -153,11 +165,8 @@ if _IMPORT_ERROR is None:
             acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=layout)
             for ks in range(k_steps):
                 step = base + ks
-                slot = step % STAGES
-                mbarrier.wait(bars.index(slot), (step // STAGES) & 1)
-                acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-                # The MMA of the previous step is done now, so its buffers take the load STAGES-1 ahead.
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                # The MMA of the previous step is done after this, so its buffers take the load STAGES-1 ahead.
+                acc = _mma_step(a_bufs, b_bufs, bars, step, acc)
                 ahead = ks + STAGES - 1
                 if ahead < k_steps:
                     _load_step(a_desc, b_desc, a_bufs, b_bufs, bars, step + STAGES - 1, off_m, off_n,
@@ -190,12 +199,8 @@ if _IMPORT_ERROR is None:
         for tile in range(gl.program_id(0), tiles_m * tiles_n, NUM_SMS):
             off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
             for ks in range(k_steps):
-                slot = step % STAGES
-                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)  # the first round passes
-                bar = ready.index(slot)
-                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                _tma_load(a_desc, [off_m, ks * BLOCK_K], bar, a_bufs.index(slot))
-                _tma_load(b_desc, [off_n, ks * BLOCK_K], bar, b_bufs.index(slot))
+                mbarrier.wait(empty.index(step % STAGES), ((step // STAGES) & 1) ^ 1)  # the first round passes
+                _load_step(a_desc, b_desc, a_bufs, b_bufs, ready, step, off_m, off_n, ks * BLOCK_K, STAGES)
                 step += 1
 
     @gluon.jit
@@ -221,10 +226,7 @@ if _IMPORT_ERROR is None:
             acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=layout)
             for ks in range(k_steps):
                 step = base + ks
-                slot = step % STAGES
-                mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-                acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                acc = _mma_step(a_bufs, b_bufs, ready, step, acc)
                 if ks > 0:  # the previous step's MMA is done: its slot may be refilled
                     mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
             mbarrier.arrive(turn.index(1 - CONSUMER), count=1)
@@ -256,7 +258,7 @@ if _IMPORT_ERROR is None:
             (_ws_consumer, (args, 0, HAS_BIAS, NUM_SMS, GROUP_M, BLOCK_M, BLOCK_N)),
             (_ws_consumer, (args, 1, HAS_BIAS, NUM_SMS, GROUP_M, BLOCK_M, BLOCK_N)),
             (_ws_producer, (args, 0, HAS_BIAS, NUM_SMS, GROUP_M, BLOCK_M, BLOCK_N)),
-        ], [4, 1], [232, 40])  # PINGPONG_REGS
+        ], [4, 1], [_MMA_REGS, _LOADER_REGS])
 
     @gluon.jit
     def _gemm_kernel(a_desc, b_desc, y_desc, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET,
@@ -348,8 +350,9 @@ def int8_gemm(xq, a_s, wq, b_s, bias, y, m_bucket: int, sms: int):
     if hit is not None:
         kernel, cfg, grid = hit
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        m, n, k = key[:3]
         kernel[grid](_descriptor(xq, (bm, BLOCK_K)), _descriptor(wq, (bn, BLOCK_K)), _descriptor(y, (bm, bn)),
-                     a_s, b_s, y if bias is None else bias, *key[:4], bias is not None, sms, GROUP_M,
+                     a_s, b_s, y if bias is None else bias, m, n, k, m_bucket, bias is not None, sms, GROUP_M,
                      bm, bn, cfg["STAGES"], cfg["PINGPONG"], cfg["num_warps"])
         return y
     args, meta = _arguments(xq, a_s, wq, b_s, bias, y, m_bucket, sms)
