@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from . import launch
 from .launch import Launcher
 
 try:
@@ -336,7 +337,7 @@ def _fast_key(xq, a_s, wq, b_s, bias, y, m_bucket, sms) -> tuple:
     # Everything the Launcher's key holds for these arguments, read cheaply: xq, wq are int8 and
     # a_s, b_s fp32 by contract, and the TMA path has already checked the operands' alignment.
     m, k = xq.shape
-    return (m, wq.shape[0], k, m_bucket, sms, xq.stride(0), wq.stride(0), y.stride(0), y.dtype,
+    return (m, wq.shape[0], k, m_bucket, sms, xq.get_device(), xq.stride(0), wq.stride(0), y.stride(0), y.dtype,
             None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0),
             a_s.data_ptr() % 16 == 0, b_s.data_ptr() % 16 == 0, USE_PINGPONG)
 
@@ -346,7 +347,7 @@ def int8_gemm(xq, a_s, wq, b_s, bias, y, m_bucket: int, sms: int):
     wq [N, K] int8 with 16-byte aligned rows, K >= MIN_K; a_s [M], b_s [N] contiguous fp32;
     y [M, N] bf16/fp16 with 16-byte aligned rows."""
     key = _fast_key(xq, a_s, wq, b_s, bias, y, m_bucket, sms)
-    hit = _chosen.get(key)
+    hit = _chosen.get(key) if launch.DIRECT else None
     if hit is not None:
         kernel, cfg, grid = hit
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]

@@ -187,6 +187,40 @@ def test_gluon_relaunch_skips_the_launcher_and_gives_the_same_result(monkeypatch
     assert len(gluon_gemm._chosen) == 4 and len(launcher_calls) == 4
 
 
+def test_fp8_persistent_relaunch_skips_the_launcher_and_gives_the_same_result(monkeypatch):
+    """fp8 on Hopper: a call shaped like an earlier one relaunches the persistent kernel and config
+    chosen then, without the Launcher; shapes, bias and output dtype still pick their own."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the persistent TMA kernel is Hopper-only")
+    monkeypatch.setattr(triton_gemm, "_persistent_chosen", {})
+    real = triton_gemm._w8a8_persistent_launch
+    launcher_calls = []
+
+    class Counted:
+        def __call__(self, *args, **kwargs):
+            launcher_calls.append(args[1:4])
+            return real(*args, **kwargs)
+
+        def chosen(self, *args):
+            return real.chosen(*args)
+    monkeypatch.setattr(triton_gemm, "_w8a8_persistent_launch", Counted())
+    scheme = get_scheme("fp8-w8a8")
+    for m, k, n, with_bias, dtype in [(4096, 3072, 3072, False, torch.bfloat16), (77, 3072, 3072, False, torch.bfloat16),
+                                      (4096, 3072, 3072, True, torch.bfloat16), (4096, 3072, 3072, True, torch.float16)]:
+        x = torch.randn(m, k, device=DEV, dtype=dtype)
+        wq, ws = reference.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, scheme)
+        bias = torch.randn(n, device=DEV, dtype=dtype) if with_bias else None
+        xq, xs = reference.quantize_activation(x, scheme)
+        first = triton_gemm.w8a8_gemm(xq, xs, wq, ws, bias, dtype)
+        before = len(launcher_calls)
+        again = triton_gemm.w8a8_gemm(xq, xs, wq, ws, bias, dtype)
+        assert len(launcher_calls) == before, "the second call went through the Launcher again"
+        assert torch.equal(first, again)
+        ref = reference.emulated_linear(x, wq, ws, scheme, bias, k)
+        assert cos(again, ref) > 0.99999
+    assert len(triton_gemm._persistent_chosen) == 4 and len(launcher_calls) == 4
+
+
 def test_gluon_build_failure_falls_back_to_the_triton_kernel(monkeypatch, caplog):
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the Gluon kernel is Hopper-only")
