@@ -197,6 +197,11 @@ gluon_failure: Optional[str] = gluon_gemm.available()
 INTERPRET_TMA = False  # tests set it to run the Hopper (TMA) kernels in Triton's CPU interpreter
 
 
+# ROCm builds of torch report AMD GPUs as CUDA devices, with capabilities such as (9, 4) (MI300):
+# the Hopper kernels (TMA, wgmma, Gluon's NVIDIA dialect) must not be chosen there.
+ROCM = torch.version.hip is not None
+
+
 def _y_desc_ok(y: torch.Tensor) -> bool:
     return y.stride(0) * y.element_size() % 16 == 0 and y.data_ptr() % 16 == 0
 
@@ -224,7 +229,7 @@ def hopper_ready(xq: torch.Tensor, wq: torch.Tensor) -> bool:
     if interpreted():
         if not (USE_TMA and INTERPRET_TMA):
             return False
-    elif not USE_TMA or not xq.is_cuda or _capability(_index(xq)) < (9, 0):
+    elif not USE_TMA or not xq.is_cuda or ROCM or _capability(_index(xq)) < (9, 0):
         return False
     return xq.stride(0) % 16 == 0 and wq.stride(0) % 16 == 0 and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0
 

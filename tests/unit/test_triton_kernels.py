@@ -200,3 +200,32 @@ def test_triton_backend_refuses_schemes_it_has_no_kernel_for():
     with pytest.raises(ValueError, match="no kernel"):
         get_backend("triton").linear(_x(2, 128), torch.zeros(4, 128), torch.ones(4, 1), None,
                                      get_scheme("none"), 128)
+
+
+class _CudaOperand:
+    """Stands in for a CUDA tensor (none can exist on this machine): what hopper_ready reads."""
+    is_cuda = True
+
+    def get_device(self):
+        return 0
+
+    def stride(self, dim):
+        return 3072
+
+    def data_ptr(self):
+        return 1 << 20
+
+
+def test_hopper_kernels_are_chosen_on_nvidia_hopper_only(monkeypatch):
+    monkeypatch.setattr(triton_gemm, "interpreted", lambda: False)
+    monkeypatch.setattr(triton_gemm, "USE_TMA", True)
+    monkeypatch.setattr(triton_gemm, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(triton_gemm, "ROCM", False)
+    x, w = _CudaOperand(), _CudaOperand()
+    assert triton_gemm.hopper_ready(x, w)
+    monkeypatch.setattr(triton_gemm, "_capability", lambda index: (8, 9))
+    assert not triton_gemm.hopper_ready(x, w), "an Ada GPU has no TMA"
+    # An MI300 under a ROCm build of torch reports capability (9, 4).
+    monkeypatch.setattr(triton_gemm, "_capability", lambda index: (9, 4))
+    monkeypatch.setattr(triton_gemm, "ROCM", True)
+    assert not triton_gemm.hopper_ready(x, w), "an AMD GPU took the Hopper kernels"
