@@ -385,8 +385,8 @@ def test_vllm_marlin_repacks_once_per_weight(monkeypatch):
     m, k, n = 512, 5120, 3072
     x, wq, ws, b = _int4_case(m, k, n, torch.bfloat16)
 
-    def run():
-        return quantized_linear(x, wq, ws, b, INT4.name, k, "vllm")
+    def run(weight=wq):  # bound here, so `del wq` below leaves only run's reference to drop
+        return quantized_linear(x, weight, ws, b, INT4.name, k, "vllm")
 
     y1 = run()
     views = next(iter(vllm_backend._MARLIN_CACHE.values()))
