@@ -347,7 +347,7 @@ def int8_gemm(xq, a_s, wq, b_s, bias, y, m_bucket: int, sms: int):
     wq [N, K] int8 with 16-byte aligned rows, K >= MIN_K; a_s [M], b_s [N] contiguous fp32;
     y [M, N] bf16/fp16 with 16-byte aligned rows."""
     key = _fast_key(xq, a_s, wq, b_s, bias, y, m_bucket, sms)
-    hit = _chosen.get(key) if launch.DIRECT else None
+    hit = launch.relaunch(_chosen, key)
     if hit is not None:
         kernel, cfg, grid = hit
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -360,10 +360,7 @@ def int8_gemm(xq, a_s, wq, b_s, bias, y, m_bucket: int, sms: int):
     launcher = _launcher(USE_PINGPONG)
     grid = _grid(xq.shape[0], wq.shape[0], sms)
     launcher(grid, *args, **meta)
-    chosen = launcher.chosen(args, meta)
-    if chosen is not None:
-        kernel, cfg = chosen
-        _chosen[key] = (kernel, cfg, grid(cfg) + (1, 1))
+    launch.remember(_chosen, key, launcher, args, meta, grid)
     return y
 
 

@@ -95,3 +95,20 @@ class Launcher:
         named.update(kwargs)
         hit = self.cache.get(call_key(named.values()))
         return None if hit is None else hit[:2]
+
+
+# Relaunch memos: a caller's own cheap key -> (compiled kernel, config, grid, *extra), for kernels
+# whose every call would otherwise pay the Launcher's generic key and a config pre-hook that builds
+# TMA descriptors (gluon_gemm, triton_gemm's persistent GEMM).
+
+def relaunch(memo: dict, key):
+    """What `remember` kept under key, or None (not launched yet, or launches are not cached)."""
+    return memo.get(key) if DIRECT else None
+
+
+def remember(memo: dict, key, launcher: Launcher, args, kwargs, grid, *extra):
+    """After `launcher(grid, *args, **kwargs)`: keeps the kernel and config it chose under key."""
+    chosen = launcher.chosen(args, kwargs)
+    if chosen is not None:
+        kernel, cfg = chosen
+        memo[key] = (kernel, cfg, grid(cfg) + (1, 1), *extra)

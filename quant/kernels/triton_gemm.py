@@ -306,12 +306,15 @@ def _launch(launcher, plain, m, n, *args, **meta):
         launcher(_grid(m, n), *args, **meta)
 
 
-def _descriptors(xq, wq, y, block_m: int, block_n: int, y_block_n: int):
+def _operand_descriptors(xq, wq, block_m: int, block_n: int):
     desc = TENSOR_DESCRIPTOR
-    m, k = xq.shape
-    n = wq.shape[0]
-    return (desc(xq, [m, k], [xq.stride(0), 1], [block_m, 128]), desc(wq, [n, k], [wq.stride(0), 1], [block_n, 128]),
-            desc(y, [m, n], [y.stride(0), 1], [block_m, y_block_n]))
+    return (desc(xq, list(xq.shape), [xq.stride(0), 1], [block_m, 128]),
+            desc(wq, list(wq.shape), [wq.stride(0), 1], [block_n, 128]))
+
+
+def _descriptors(xq, wq, y, block_m: int, block_n: int, y_block_n: int):
+    return (*_operand_descriptors(xq, wq, block_m, block_n),
+            TENSOR_DESCRIPTOR(y, list(y.shape), [y.stride(0), 1], [block_m, y_block_n]))
 
 
 # (shapes, strides, dtypes, alignments, device) -> (compiled kernel, its config, grid): what the Launcher
@@ -340,7 +343,7 @@ def _persistent(xq, wq, y, a_s, b_s, bias, is_int: bool):
                                         _m_bucket(m), HAS_BIAS=bias is not None, IS_INT=is_int, NUM_SMS=sms, **tile)
         return
     key = _persistent_key(xq, wq, y, a_s, b_s, bias, is_int)
-    hit = _persistent_chosen.get(key) if launch.DIRECT else None
+    hit = launch.relaunch(_persistent_chosen, key)
     if hit is not None:
         kernel, cfg, grid, sms = hit
         bm, bn, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_EPILOGUE"]
@@ -352,10 +355,7 @@ def _persistent(xq, wq, y, a_s, b_s, bias, is_int: bool):
     args = (*_descriptors(xq, wq, y, 128, 128, 128), a_s, b_s, bias_ptr, m, n, k, _m_bucket(m))  # blocks set per config
     meta = dict(NUM_SMS=sms, HAS_BIAS=bias is not None, IS_INT=is_int)
     _w8a8_persistent_launch(grid, *args, **meta)
-    chosen = _w8a8_persistent_launch.chosen(args, meta)
-    if chosen is not None:
-        kernel, cfg = chosen
-        _persistent_chosen[key] = (kernel, cfg, grid(cfg) + (1, 1), sms)
+    launch.remember(_persistent_chosen, key, _w8a8_persistent_launch, args, meta, grid, sms)
 
 
 def _gluon_int8(xq, a_s, wq, b_s, bias, y) -> bool:
@@ -394,9 +394,7 @@ def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
         if persistent:
             _persistent(xq, wq, y, a_s, b_s, None if bias is None else bias_ptr, is_int)
             return y
-        desc = TENSOR_DESCRIPTOR
-        a_desc = desc(xq, [m, k], [xq.stride(0), 1], [128, 128])   # block shapes set per config
-        b_desc = desc(wq, [n, k], [wq.stride(0), 1], [128, 128])
+        a_desc, b_desc = _operand_descriptors(xq, wq, 128, 128)   # block shapes set per config
         if interpreted():
             a_desc.block_shape, b_desc.block_shape = [32, 128], [32, 128]
             _w8a8_tma_kernel[_grid(m, n)(_INTERPRETER_TILE)](
