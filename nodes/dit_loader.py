@@ -15,6 +15,7 @@ from ..quant.formats.load import layout_of, load_checkpoint
 from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import get_scheme
+from .gelu_handoff import defer_gelus
 from .ops import make_quant_ops
 
 
@@ -48,6 +49,7 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
                               "the file does not match the architecture ComfyUI detected; re-export it from "
                               "the original model.", unclaimed[0])
     report = build_report(path, layout_of(plan), layers)
+    defer_gelus(model, report)
     describe_kernels(report, model.load_device, backend)
     return model, report
 

@@ -18,6 +18,7 @@ from ..quant.filters import LayerFilter, is_modulation
 from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import ResolvedScheme, weight_only_partner
+from .gelu_handoff import defer_gelus
 from .ops import QuantizedLinear, QuantLinearMixin
 
 ROOT = "diffusion_model"
@@ -81,6 +82,8 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
         report.quantized_bytes += weight_nbytes(module.out_features, module.in_features, layer_scheme)
         report.bf16_equivalent_bytes += module.out_features * module.in_features * 2
         pbar.update(1)
+    if root:
+        defer_gelus(out, report, root)
     for s, n in sorted(modulation.items()):
         report.notes.append(f"{n} modulation (adaLN) layers run {s} (one row per sample)")
     for reason, n in sorted(skipped.items()):

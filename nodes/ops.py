@@ -12,6 +12,7 @@ import comfy.ops
 
 from ..quant import reference
 from ..quant.backends import pick_backend, run_linear
+from ..quant.deferred import DeferredActivation
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.schemes import Scheme, get_scheme
@@ -57,7 +58,8 @@ class QuantLinearMixin:
             # Text encoders run fp32 activations; the 8-bit GEMMs take and give bf16/fp16. The
             # bf16 rounding (2^-9) is far below the 8-bit activation quantization step.
             xc = x.to(torch.bfloat16)
-        y = run_linear(xc.reshape(-1, k), qdata, scale, bias, self.quant_scheme, k, self._kernel(dev))
+        x2d = xc.rows() if isinstance(xc, DeferredActivation) else xc.reshape(-1, k)
+        y = run_linear(x2d, qdata, scale, bias, self.quant_scheme, k, self._kernel(dev))
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

@@ -1,6 +1,6 @@
 """This pack's own Triton kernels (quant/kernels): the fast path with only torch + triton installed.
 
-- int8 W8A8: Triton per-token quant + a GEMM with the dequant fused into its epilogue (on Hopper
+- int8 W8A8: Triton per-token quant (which also applies a deferred GELU, quant/deferred.py) + a GEMM with the dequant fused into its epilogue (on Hopper
   written in Gluon, whose MMAs overlap; elsewhere in Triton).
 - fp8 W8A8: Triton per-token quant + the Triton GEMM (TMA, persistent, Hopper's fast fp8
   accumulation, as vLLM's CUTLASS fp8 kernels do); before Hopper, cuBLASLt's rowwise
@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from ..deferred import DeferredActivation
 from ..kernels import interpreted, triton_missing
 from ..schemes import Scheme
 from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
@@ -49,6 +50,12 @@ def _scaled_mm_ok(xq: torch.Tensor, n: int) -> bool:
             and cuda_capability(xq.device) >= (8, 9))
 
 
+def _per_token(quant, x2d, dtype):
+    if isinstance(x2d, DeferredActivation):  # a GELU (and concatenation) not yet computed: one pass
+        return quant.per_token_quant_gelu(x2d.prefix, x2d.source, dtype)
+    return quant.per_token_quant(x2d, dtype)
+
+
 def _linear(x2d, qdata, scale, bias, scheme, in_features):
     quant, gemm, int4, weight_only = _kernels()
     out_dtype = x2d.dtype
@@ -57,10 +64,10 @@ def _linear(x2d, qdata, scale, bias, scheme, in_features):
             return weight_only.weight_only_gemm(x2d, qdata, scale, None if bias is None else bias.to(out_dtype))
         return upcast_linear(x2d, qdata, scale, bias)
     if scheme.name == "int8-w8a8":
-        xq, xs = quant.per_token_quant(x2d, torch.int8)
+        xq, xs = _per_token(quant, x2d, torch.int8)
         return gemm.w8a8_gemm(xq, xs, qdata, scale, bias, out_dtype)
     if scheme.name == "fp8-w8a8":
-        xq, xs = quant.per_token_quant(x2d, torch.float8_e4m3fn)
+        xq, xs = _per_token(quant, x2d, torch.float8_e4m3fn)
         n = qdata.shape[0]
         if (not gemm.hopper_ready(xq, qdata) and _scaled_mm_ok(xq, n)
                 and out_dtype in (torch.bfloat16, torch.float16)):
@@ -82,4 +89,5 @@ TRITON = register_backend(Backend(
     name="triton", priority=20, availability=_availability, supports=_supports, linear=_linear,
     install_hint="Install Triton (`pip install triton`; it ships with PyTorch's CUDA wheels on Linux, "
                  "and as `triton-windows` on Windows).",
+    deferred_schemes=frozenset({"int8-w8a8", "fp8-w8a8"}),
 ))

@@ -17,6 +17,8 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import reference
+from ..deferred import DeferredActivation
+from ..kernels import triton_missing
 from ..schemes import Scheme
 from . import marlin_layout as marlin
 from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
@@ -102,7 +104,22 @@ def _cutlass_ok(k: int, n: int, out_dtype: torch.dtype) -> bool:
     return k % 16 == 0 and n % 16 == 0 and out_dtype in (torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_quant():
+    if triton_missing() is not None:
+        return None
+    from ..kernels import triton_quant
+    return triton_quant
+
+
 def _per_token(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(x2d, DeferredActivation):
+        # A GELU (and concatenation) not yet computed: the pack's Triton quantizer applies it in the
+        # same pass; vLLM's quant ops would need it written out first.
+        tq = _triton_quant()
+        if tq is not None:
+            return tq.per_token_quant_gelu(x2d.prefix, x2d.source, dtype)
+        x2d = x2d.materialize()
     x2d = x2d.contiguous()
     q = torch.empty(x2d.shape, dtype=dtype, device=x2d.device)
     s = torch.empty((x2d.shape[0], 1), dtype=torch.float32, device=x2d.device)
@@ -195,6 +212,7 @@ VLLM = register_backend(Backend(
     # row, 1.9x at 256; 1.1x slower at 1024, 1.7x at 4096); DiT linears see thousands of rows, so
     # "auto" keeps Triton for int4, and Marlin runs where vllm is named.
     scheme_priority={"int4-g128": 18},
+    deferred_schemes=frozenset({"int8-w8a8", "fp8-w8a8"}),
     install_hint="Install the optional extra: `pip install comfyui-quantdit[vllm]` (a vllm build matching "
                  "your PyTorch), or set QUANTDIT_VLLM_LIB to vLLM's _C_stable_libtorch.abi3.so.",
 ))

@@ -45,6 +45,46 @@ def test_triton_per_token_quant_is_exact_on_gpu(m, k, dtype, fmt):
     assert torch.equal(q.float(), rq.float())
 
 
+@pytest.mark.parametrize("m,p,g,width", [(4608, 3072, 12288, 21504), (32760, 0, 13824, 13824), (7, 64, 20000, 20100)])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("magnitude", [3.0, 0.05])  # 0.05: no GELU output above |its minimum|
+def test_gelu_quantizer_equals_torch_gelu_cat_then_quant_on_gpu(m, p, g, width, dtype, in_dtype, magnitude):
+    """Flux's single-block tail (a strided slice of linear1's output, after the attention output),
+    Wan's FFN, and a long row: bit-equal to torch's GELU + cat + the per-token quantizer."""
+    produced = torch.randn(m, width, device=DEV, dtype=in_dtype) * magnitude
+    x = produced[:, width - g:]
+    prefix = torch.randn(m, p, device=DEV, dtype=in_dtype) * magnitude if p else None
+    q, s = triton_quant.per_token_quant_gelu(prefix, x, dtype)
+    act = torch.nn.functional.gelu(x, approximate="tanh")
+    rq, rs = triton_quant.per_token_quant(act if prefix is None else torch.cat((prefix, act), 1), dtype)
+    assert torch.equal(s, rs) and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("backend", ["triton", "vllm"])
+@pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
+def test_backends_take_a_deferred_gelu_on_gpu(backend, scheme_name):
+    from quant.deferred import DeferredActivation
+    scheme = get_scheme(scheme_name)
+    if why_not(backend, scheme, DEV):
+        pytest.skip(f"{backend}: {why_not(backend, scheme, DEV)}")
+    m, p, g, n = 4608, 3072, 12288, 3072
+    pre = torch.randn(m, 21504, device=DEV, dtype=torch.bfloat16)[:, 9216:]
+    attn = torch.randn(m, p, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(n, p + g, device=DEV) / (p + g) ** 0.5
+    qdata, scale = reference.quantize_weight(w, scheme)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16) * 0.02
+    linear = get_backend(backend).linear
+    y = linear(DeferredActivation(pre, attn), qdata, scale, bias, scheme, p + g)
+    full = torch.cat((attn, torch.nn.functional.gelu(pre, approximate="tanh")), 1)
+    if backend == "triton":  # the same quantizer output, so the same GEMM result
+        assert torch.equal(y, linear(full, qdata, scale, bias, scheme, p + g))
+    else:  # the Triton quantizer feeding vLLM's GEMM: as close to bf16 as vLLM's own path
+        ref = torch.nn.functional.linear(full, reference.dequantize_weight(qdata, scale, scheme, p + g).to(full.dtype),
+                                         bias)
+        assert cos(y, ref) >= 0.9995 and cos(linear(full, qdata, scale, bias, scheme, p + g), ref) >= 0.9995
+
+
 def test_triton_group_quant_and_int4_dequant_are_exact_on_gpu():
     x = torch.randn(4096, 3072, device=DEV, dtype=torch.bfloat16)
     q, s = triton_quant.per_group_fp8_quant(x)

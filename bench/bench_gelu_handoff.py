@@ -1,0 +1,93 @@
+"""The GELU hand-off (quant/deferred.py) at DiT shapes: a block's MLP tail, GELU (+ Flux's concat)
++ the next linear, in bf16, quantized as before (GELU written, then quantized), and quantized with
+the GELU applied by the quantizer. Side by side in one run, GPU time (CUDA graphs, inputs and
+weights cycled past the L2, as bench_gemm.py times them).
+
+    python bench/bench_gelu_handoff.py [--schemes int8-w8a8 fp8-w8a8] [--backends triton vllm]
+
+Also checks that the hand-off gives the same output, bit for bit, as the unfused path.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_gemm import copies_needed, graph_ms  # noqa: E402
+from quant import reference  # noqa: E402
+from quant.backends import get_backend, why_not  # noqa: E402
+from quant.deferred import DeferredActivation  # noqa: E402
+from quant.schemes import get_scheme  # noqa: E402
+
+# (label, tokens, attention-output width (the concatenated prefix, 0: none), GELU width, the producer's
+# row width (the GELU input is a slice of it), N out)
+TAILS = [
+    ("flux single: gelu+cat+linear2", 4608, 3072, 12288, 21504, 3072),
+    ("flux double: img mlp.1+mlp.2", 4096, 0, 12288, 12288, 3072),
+    ("wan14b: ffn.1+ffn.2", 32760, 0, 13824, 13824, 5120),
+]
+
+
+def plain_tail(attn, pre):
+    act = F.gelu(pre, approximate="tanh")
+    return act if attn is None else torch.cat((attn, act), -1)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--schemes", nargs="*", default=["int8-w8a8", "fp8-w8a8"])
+    p.add_argument("--backends", nargs="*", default=["triton", "vllm"])
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timing: graph")
+    for label, m, pw, g, width, n in TAILS:
+        torch.manual_seed(0)
+        k = pw + g
+        produced = torch.randn(m, width, device=dev, dtype=torch.bfloat16)
+        attn = torch.randn(m, pw, device=dev, dtype=torch.bfloat16) if pw else None
+        w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
+        bias = torch.randn(n, device=dev, dtype=torch.bfloat16) * 0.02
+        copies = copies_needed(produced, attn, w)
+        ins = [(attn if i == 0 or attn is None else torch.randn_like(attn),
+                (produced if i == 0 else torch.randn_like(produced))[:, width - g:]) for i in range(copies)]
+        ws = [w] + [w.roll(i, 0) for i in range(1, copies)]
+        t_bf16 = graph_ms(lambda at, pr, wi: F.linear(plain_tail(at, pr), wi, bias), [(*x, wi) for x, wi in zip(ins, ws)])
+        t_act = graph_ms(lambda at, pr: plain_tail(at, pr), ins)
+        print(f"\n{label}: M={m} K={k} N={n}  bf16 tail {t_bf16 * 1000:.1f} us (GELU{'+cat' if pw else ''} "
+              f"alone {t_act * 1000:.1f} us)", flush=True)
+        del ws
+        for scheme_name in a.schemes:
+            scheme = get_scheme(scheme_name)
+            qdata, scale = reference.quantize_weight(w.float(), scheme)
+            qs = [(qdata, scale)] + [(qdata.clone(), scale.clone()) for _ in range(copies - 1)]
+            for backend in a.backends:
+                why = why_not(backend, scheme, dev)
+                if why is not None:
+                    print(f"  {scheme_name} {backend}: unavailable ({why})")
+                    continue
+                linear = get_backend(backend).linear
+
+                def unfused(at, pr, qd, sc):
+                    return linear(plain_tail(at, pr), qd, sc, bias, scheme, k)
+
+                def handed_off(at, pr, qd, sc):
+                    return linear(DeferredActivation(pr, at), qd, sc, bias, scheme, k)
+
+                args = [(*x, *q) for x, q in zip(ins, qs)]
+                same = torch.equal(unfused(*args[0]), handed_off(*args[0]))
+                t_u = graph_ms(unfused, args)
+                t_h = graph_ms(handed_off, args)
+                print(f"  {scheme_name:10} {backend:7} GELU written then quantized {t_u * 1000:8.1f} us "
+                      f"{t_bf16 / t_u:5.2f}x | GELU in the quantizer {t_h * 1000:8.1f} us {t_bf16 / t_h:5.2f}x "
+                      f"| saves {(t_u - t_h) * 1000:6.1f} us | bit-equal {same}", flush=True)
+            del qs
+    print("\nRatios: bf16 tail time / quantized tail time (activation quant included).")
+
+
+if __name__ == "__main__":
+    main()

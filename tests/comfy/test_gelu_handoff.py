@@ -1,0 +1,159 @@
+"""The GELU hand-off (nodes/gelu_handoff.py) in real ComfyUI Flux and Wan models: which GELUs get a
+DeferredGelu, and that sampling does not change by a single bit with it. On the CPU the
+reference kernel computes the deferred GELU first; on the GPU (last tests) the Triton quantizer
+applies it inside its own pass."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import flux_fixtures
+import wan_fixtures
+from scripts.tiny_models import save, wan21_dit
+
+ON_CUDA = os.environ.get("QUANTDIT_COMFY_DEVICE", "cpu") == "cuda"
+
+
+@pytest.fixture(scope="module")
+def files(models_dir):
+    save(wan21_dit(dim=256, ffn_dim=512, num_layers=2, seed=3), os.path.join(models_dir, "h_wan_bf16.safetensors"))
+    flux_fixtures.write_flux(os.path.join(models_dir, "h_flux_bf16.safetensors"))
+    return {"wan": ("h_wan_bf16.safetensors", wan_fixtures), "flux": ("h_flux_bf16.safetensors", flux_fixtures)}
+
+
+def load(comfy, files, arch):
+    nodes, _ = comfy
+    return nodes.UNETLoader().load_unet(files[arch][0], "default")[0]
+
+
+def quantize(comfy, model, scheme, backend="auto", **kw):
+    nodes, _ = comfy
+    return tuple(nodes.NODE_CLASS_MAPPINGS["QuantDiTQuantizeModel"].execute(
+        model=model, scheme=scheme, backend=backend, **kw).result)
+
+
+def sample(comfy, files, arch, model):
+    nodes, _ = comfy
+    fx = files[arch][1]
+    (out,) = nodes.KSampler().sample(model, 5, 2, 2.0, "euler", "simple", fx.conditioning(1), fx.conditioning(2),
+                                     fx.latent(), denoise=1.0)
+    return out["samples"].float()
+
+
+def _is_handoff(obj):
+    # The pack's own class, as ComfyUI imported the pack (not this checkout's `quant` on sys.path).
+    return type(obj).__name__ == "DeferredGelu" and type(obj).__module__.endswith("quant.deferred")
+
+
+def deferred_keys(model):
+    return sorted(k[len("diffusion_model."):] for k, v in model.object_patches.items() if _is_handoff(v))
+
+
+def without_handoff(model):
+    plain = model.clone()
+    for k in [k for k, v in plain.object_patches.items() if _is_handoff(v)]:
+        del plain.object_patches[k]
+    return plain
+
+
+FLUX_IMG = ["double_blocks.0.img_mlp.1", "single_blocks.0.mlp_act", "single_blocks.1.mlp_act"]
+
+
+@pytest.mark.parametrize("scheme", ["int8-w8a8", "fp8-w8a8"])
+def test_gelus_before_w8a8_layers_are_handed_off(comfy, files, scheme):
+    q, report = quantize(comfy, load(comfy, files, "flux"), scheme)
+    assert deferred_keys(q) == sorted(FLUX_IMG + ["double_blocks.0.txt_mlp.1"])
+    assert "4 GELU activations are computed by the quantizer of the layer after them" in report, report
+    # With keep_small_m_layers the text stream's mlp.2 runs 8-bit weight-only: its GELU stays.
+    q, _ = quantize(comfy, load(comfy, files, "flux"), scheme, keep_small_m_layers=True)
+    assert deferred_keys(q) == FLUX_IMG
+    q, _ = quantize(comfy, load(comfy, files, "wan"), scheme)
+    assert deferred_keys(q) == ["blocks.0.ffn.1", "blocks.1.ffn.1"]
+
+
+@pytest.mark.parametrize("scheme,kw", [("fp8-block128", {}), ("int8-weight-only", {}), ("int4-g128", {}),
+                                       ("int8-w8a8", {"skip_patterns": "linear2, mlp.2"})])
+def test_gelus_whose_consumer_is_not_per_token_w8a8_stay(comfy, files, scheme, kw):
+    q, report = quantize(comfy, load(comfy, files, "flux"), scheme, **kw)
+    assert deferred_keys(q) == [] and "GELU" not in report
+    model = load(comfy, files, "flux")
+    assert type(model.get_model_object("diffusion_model.single_blocks.0.mlp_act")) is torch.nn.GELU
+
+
+def test_yak_blocks_are_left_alone(comfy, files):
+    _, pack = comfy
+    model = load(comfy, files, "flux")
+    q, _ = quantize(comfy, model, "int8-w8a8")
+    plain = without_handoff(q)
+    blocks = model.model.diffusion_model.single_blocks
+    for b in blocks:
+        b.yak_mlp = True  # ComfyUI's flag for the Flux variants whose mlp_act output is multiplied
+    try:
+        report = pack.quant.report.QuantReport(source="t", layout="t")
+        assert pack.nodes.gelu_handoff.defer_gelus(plain, report) == 2  # only the double block's mlps
+        assert deferred_keys(plain) == ["double_blocks.0.img_mlp.1", "double_blocks.0.txt_mlp.1"]
+    finally:
+        for b in blocks:
+            b.yak_mlp = False
+
+
+@pytest.mark.parametrize("arch", ["flux", "wan"])
+def test_sampling_is_bit_equal_with_and_without_the_handoff(comfy, files, arch):
+    q, _ = quantize(comfy, load(comfy, files, arch), "int8-w8a8")
+    assert deferred_keys(q)
+    assert torch.equal(sample(comfy, files, arch, q), sample(comfy, files, arch, without_handoff(q)))
+
+
+def test_input_model_keeps_its_gelus_and_requantizing_adds_none(comfy, files):
+    model = load(comfy, files, "wan")
+    once, _ = quantize(comfy, model, "int8-w8a8")
+    twice, report = quantize(comfy, once, "fp8-w8a8")
+    assert deferred_keys(model) == [] and deferred_keys(twice) == deferred_keys(once)
+    assert "GELU" not in report
+    # Sampling the quantized clone puts its patches in; sampling the input model takes them out again.
+    before = sample(comfy, files, "wan", model)
+    sample(comfy, files, "wan", once)
+    assert _is_handoff(model.model.diffusion_model.blocks[0].ffn[1])
+    assert torch.equal(sample(comfy, files, "wan", model), before)
+    assert type(model.model.diffusion_model.blocks[0].ffn[1]) is torch.nn.GELU
+
+
+def test_the_loader_hands_off_too(comfy, models_dir):
+    nodes, _ = comfy
+    names = wan_fixtures.write_all(models_dir)
+    model, report = nodes.NODE_CLASS_MAPPINGS["QuantDiTLoader"].execute(
+        unet_name=names["lightx2v-int8"], backend="auto", compute_dtype="default").result
+    assert deferred_keys(model) == ["blocks.0.ffn.1", "blocks.1.ffn.1"]
+    assert "2 GELU activations" in report
+    model, report = nodes.NODE_CLASS_MAPPINGS["QuantDiTLoader"].execute(
+        unet_name=names["lightx2v-fp8-block128"], backend="auto", compute_dtype="default").result
+    assert deferred_keys(model) == [] and "GELU" not in report
+
+
+# ------------------------------------------------------------------ on the GPU machine
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_CUDA and torch.cuda.is_available()), reason="needs CUDA and QUANTDIT_COMFY_DEVICE=cuda")
+@pytest.mark.parametrize("arch", ["flux", "wan"])
+@pytest.mark.parametrize("scheme,backend", [("int8-w8a8", "triton"), ("fp8-w8a8", "triton"), ("int8-w8a8", "auto")])
+def test_on_gpu_the_quantizer_applies_the_gelu_bit_exactly(comfy, files, monkeypatch, arch, scheme, backend):
+    _, pack = comfy
+    triton_quant = pack.quant.kernels.triton_quant
+    calls = []
+    fused = triton_quant.per_token_quant_gelu
+
+    def counting(prefix, x, dtype):
+        calls.append(prefix is not None)
+        return fused(prefix, x, dtype)
+
+    monkeypatch.setattr(triton_quant, "per_token_quant_gelu", counting)
+    q, report = quantize(comfy, load(comfy, files, arch), scheme, backend=backend)
+    out = sample(comfy, files, arch, q)
+    n_steps_calls = len(calls)
+    plain = sample(comfy, files, arch, without_handoff(q))
+    assert len(calls) == n_steps_calls  # the plain model never takes the fused path
+    # Flux: 2 single blocks (with the attention prefix) + 1 double block per model call; Wan: 2 blocks.
+    assert n_steps_calls > 0 and (any(calls) if arch == "flux" else not any(calls))
+    print(f"{arch} {scheme}:{backend}: {n_steps_calls} fused GELU quantizations; report:\n{report}")
+    assert torch.equal(out, plain)
