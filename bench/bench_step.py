@@ -6,9 +6,10 @@ own `fp8_e4m3fn_fast` weight dtype, and this pack's schemes, side by side in one
     python bench/bench_step.py --model wan1.3b --variants fp8-w8a8:auto int8-w8a8:triton
     python bench/bench_step.py --model flux --profile 12   # + where each variant's GPU time goes
 
-Variants are SCHEME:BACKEND (the Quantize Model node's two widgets). Prints the step time, the
-ratio to bf16 and to ComfyUI fp8_e4m3fn_fast, DiT block linear-weight memory vs bf16, and the cosine
-similarity of the denoiser output to bf16. Needs CUDA and ComfyUI (QUANTDIT_COMFYUI, default .comfyui).
+Variants are SCHEME:BACKEND (the Quantize Model node's two widgets), optionally followed by
+`:weight-only-few-rows` and/or `:no-gelu-handoff` (the node's GELU hand-off patches removed).
+Prints the step time, the ratio to bf16 and to ComfyUI fp8_e4m3fn_fast, DiT block linear-weight
+memory vs bf16, and the cosine similarity of the denoiser output to bf16. Needs CUDA and ComfyUI (QUANTDIT_COMFYUI, default .comfyui).
 """
 from __future__ import annotations
 
@@ -185,6 +186,9 @@ def main():
         # modulation (the keep_small_m_layers switch).
         q, report = Quantize.execute(model=bf16, scheme=scheme, backend=backend, quantize_modulation=True,
                                      keep_small_m_layers="weight-only-few-rows" in flags).result
+        if "no-gelu-handoff" in flags:  # the GELUs written out, as before the hand-off (nodes/gelu_handoff.py)
+            for key in [k for k, v in q.object_patches.items() if type(v).__name__ == "DeferredGelu"]:
+                del q.object_patches[key]
         qt, out = step_time(q, inputs, a.reps)
         kernel = [ln.split("kernel: ")[1].rstrip(")") for ln in report.splitlines() if "kernel: " in ln]
         rows.append((variant, qt, gpu_kernels(q, inputs)[1], linear_bytes(q), _cos(out, ref_out),

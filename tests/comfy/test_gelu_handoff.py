@@ -4,6 +4,7 @@ reference kernel computes the deferred GELU first; on the GPU (last tests) the T
 applies it inside its own pass."""
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -136,10 +137,14 @@ def test_the_loader_hands_off_too(comfy, models_dir):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (ON_CUDA and torch.cuda.is_available()), reason="needs CUDA and QUANTDIT_COMFY_DEVICE=cuda")
 @pytest.mark.parametrize("arch", ["flux", "wan"])
-@pytest.mark.parametrize("scheme,backend", [("int8-w8a8", "triton"), ("fp8-w8a8", "triton"), ("int8-w8a8", "auto")])
-def test_on_gpu_the_quantizer_applies_the_gelu_bit_exactly(comfy, files, monkeypatch, arch, scheme, backend):
+@pytest.mark.parametrize("scheme,backend", [("int8-w8a8", "triton"), ("fp8-w8a8", "triton"), ("int8-w8a8", "vllm"),
+                                            ("fp8-w8a8", "vllm")])
+def test_on_gpu_the_quantizer_applies_the_gelu(comfy, files, monkeypatch, arch, scheme, backend):
     _, pack = comfy
-    triton_quant = pack.quant.kernels.triton_quant
+    why = pack.quant.backends.why_not(backend, pack.quant.schemes.get_scheme(scheme), torch.device("cuda"))
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    triton_quant = importlib.import_module(f"{pack.__name__}.quant.kernels.triton_quant")  # imported lazily
     calls = []
     fused = triton_quant.per_token_quant_gelu
 
@@ -150,10 +155,16 @@ def test_on_gpu_the_quantizer_applies_the_gelu_bit_exactly(comfy, files, monkeyp
     monkeypatch.setattr(triton_quant, "per_token_quant_gelu", counting)
     q, report = quantize(comfy, load(comfy, files, arch), scheme, backend=backend)
     out = sample(comfy, files, arch, q)
-    n_steps_calls = len(calls)
+    fused_calls = list(calls)
     plain = sample(comfy, files, arch, without_handoff(q))
-    assert len(calls) == n_steps_calls  # the plain model never takes the fused path
-    # Flux: 2 single blocks (with the attention prefix) + 1 double block per model call; Wan: 2 blocks.
-    assert n_steps_calls > 0 and (any(calls) if arch == "flux" else not any(calls))
-    print(f"{arch} {scheme}:{backend}: {n_steps_calls} fused GELU quantizations; report:\n{report}")
-    assert torch.equal(out, plain)
+    assert len(calls) == len(fused_calls)  # the model without the patches never takes the fused path
+    # Per model call, Flux: 2 single blocks (with the attention output as prefix) + the double block's
+    # img and txt mlp; Wan: its 2 ffn.
+    assert fused_calls and (fused_calls.count(True) == fused_calls.count(False) if arch == "flux"
+                            else not any(fused_calls))
+    print(f"{arch} {scheme}:{backend}: {len(fused_calls)} fused GELU quantizations, relative difference to "
+          f"the unfused path {float((out - plain).norm() / plain.norm()):.2e}")
+    if backend == "triton":  # the same quantizer output as the unfused path, bit for bit
+        assert torch.equal(out, plain)
+    else:  # vLLM's own quantizer on the unfused path rounds a few values differently
+        assert float((out - plain).norm() / plain.norm()) < 5e-3
