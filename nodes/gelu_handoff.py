@@ -7,7 +7,9 @@ Two places in ComfyUI's DiTs have that shape:
 - Flux's `SingleStreamBlock`, whose `mlp_act` output is concatenated with the attention output
   and fed to `linear2` (its yak / SiLU variants use other activations and are left alone).
 Whatever the block code does with a deferred activation, it is computed first where needed, so
-a patch here can only cost speed, never change results.
+a patch here can only cost speed, never change results. In both places nothing writes into the
+GELU's input before the linear reads it (the hand-off reads it then), and nothing writes into its
+output (an in-place op on a deferred output is refused with an error, see quant/deferred.py).
 """
 from __future__ import annotations
 

@@ -72,6 +72,12 @@ class DeferredActivation(torch.Tensor):
             joined = _join(*args, **kwargs)
             if joined is not None:
                 return joined
+        if _writes_in_place(func, args, kwargs):
+            # It would write into a temporary, and the caller's tensor would silently stay without it.
+            raise RuntimeError(f"QuantDiT: {getattr(func, '__name__', func)} would modify a GELU output that the "
+                               "GELU hand-off (nodes/gelu_handoff.py) has not computed yet. A custom node or "
+                               "patch changes these blocks in a way the hand-off does not expect; please report "
+                               "it to ComfyUI-QuantDiT with the workflow.")
         args, kwargs = tree_map_only(DeferredActivation, DeferredActivation.materialize, (args, kwargs))
         return func(*args, **kwargs)
 
@@ -80,6 +86,21 @@ class DeferredActivation(torch.Tensor):
         # Reached only by calls that bypass __torch_function__ (C++ internals): compute, then run.
         args, kwargs = tree_map_only(DeferredActivation, DeferredActivation.materialize, (args, kwargs or {}))
         return func(*args, **kwargs)
+
+
+_IN_PLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+                     "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__setitem__"}
+
+
+def _writes_in_place(func, args, kwargs) -> bool:
+    """An op that writes into a DeferredActivation argument (x.mul_(...), x += ..., out=x)."""
+    name = getattr(func, "__name__", "")
+    into_self = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+    if into_self and args and isinstance(args[0], DeferredActivation):
+        return True
+    out = kwargs.get("out")
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return any(isinstance(o, DeferredActivation) for o in outs)
 
 
 def _join(tensors, dim=0, *, out=None) -> Optional[DeferredActivation]:

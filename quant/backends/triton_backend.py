@@ -1,7 +1,8 @@
 """This pack's own Triton kernels (quant/kernels): the fast path with only torch + triton installed.
 
-- int8 W8A8: Triton per-token quant (which also applies a deferred GELU, quant/deferred.py) + a GEMM with the dequant fused into its epilogue (on Hopper
-  written in Gluon, whose MMAs overlap; elsewhere in Triton).
+- int8 W8A8: Triton per-token quant + a GEMM with the dequant fused into its epilogue (on Hopper
+  written in Gluon, whose MMAs overlap; elsewhere in Triton). Both W8A8 schemes also take a
+  deferred GELU (quant/deferred.py), which the quantizer applies in its own pass.
 - fp8 W8A8: Triton per-token quant + the Triton GEMM (TMA, persistent, Hopper's fast fp8
   accumulation, as vLLM's CUTLASS fp8 kernels do); before Hopper, cuBLASLt's rowwise
   `torch._scaled_mm`.

@@ -64,6 +64,21 @@ def test_every_other_use_computes_the_gelu_first(use):
     assert torch.equal(out, use(gelu(x), a, w))
 
 
+@pytest.mark.parametrize("write", [
+    lambda d: d.mul_(2),
+    lambda d: d.add_(1),
+    lambda d: d.__iadd__(1),
+    lambda d: d.__setitem__(0, 1.0),
+    lambda d: torch.add(d, 1, out=d),
+    lambda d: torch.mul(d, 2, out=d),
+])
+def test_writing_into_a_deferred_output_is_refused(write):
+    """In place, the op would write into a temporary while the caller's tensor stays unchanged."""
+    d = DeferredGelu()(_t(3, 4))
+    with pytest.raises(RuntimeError, match="would modify a GELU output"):
+        write(d)
+
+
 def test_torch_dispatch_catches_what_bypasses_torch_function():
     d = DeferredGelu()(_t(3, 4))
     with torch._C.DisableTorchFunctionSubclass():
