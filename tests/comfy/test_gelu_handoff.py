@@ -102,8 +102,14 @@ def test_yak_blocks_are_left_alone(comfy, files):
 
 @pytest.mark.parametrize("arch", ["flux", "wan"])
 def test_sampling_is_bit_equal_with_and_without_the_handoff(comfy, files, arch):
-    q, _ = quantize(comfy, load(comfy, files, arch), "int8-w8a8")
+    # On CUDA, 'auto' may pick vLLM, whose own quantizer (the unfused path) rounds differently from
+    # the pack's; that case is the GPU test below. Triton's is bit-equal with and without.
+    q, _ = quantize(comfy, load(comfy, files, arch), "int8-w8a8", backend="triton" if ON_CUDA else "auto")
     assert deferred_keys(q)
+    if ON_CUDA:
+        # A fresh process's first Flux sample on CUDA differs from later ones even in plain bf16
+        # (0.29% on the H100: ComfyUI / torch first-call effects), so warm up first.
+        sample(comfy, files, arch, q)
     assert torch.equal(sample(comfy, files, arch, q), sample(comfy, files, arch, without_handoff(q)))
 
 
@@ -152,8 +158,9 @@ def test_on_gpu_the_quantizer_applies_the_gelu(comfy, files, monkeypatch, arch, 
         calls.append(prefix is not None)
         return fused(prefix, x, dtype)
 
-    monkeypatch.setattr(triton_quant, "per_token_quant_gelu", counting)
     q, report = quantize(comfy, load(comfy, files, arch), scheme, backend=backend)
+    sample(comfy, files, arch, q)  # warm-up: see test_sampling_is_bit_equal_with_and_without_the_handoff
+    monkeypatch.setattr(triton_quant, "per_token_quant_gelu", counting)
     out = sample(comfy, files, arch, q)
     fused_calls = list(calls)
     plain = sample(comfy, files, arch, without_handoff(q))
