@@ -196,16 +196,21 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _per_token_outputs(m: int, k: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The quantized rows [M, K] of `dtype`, their scales [M, 1] fp32, and the format's largest value."""
+    qmax = reference.INT8_MAX if dtype == torch.int8 else reference.FP8_MAX
+    return (torch.empty((m, k), dtype=dtype, device=device), torch.empty((m, 1), dtype=torch.float32, device=device),
+            qmax)
+
+
 def per_token_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (bf16/fp16/fp32) -> (q [M, K] of `dtype` (int8 or float8_e4m3fn), scale [M, 1] fp32)."""
     x = _rows(x)
     m, k = x.shape
-    is_int = dtype == torch.int8
-    qmax = reference.INT8_MAX if is_int else reference.FP8_MAX
-    q = torch.empty((m, k), dtype=dtype, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q, s, qmax = _per_token_outputs(m, k, dtype, x.device)
     if m == 0:
         return q, s
+    is_int = dtype == torch.int8
     one_pass = k <= _ONE_PASS_MAX
     block = triton.next_power_of_2(k) if one_pass else 4096
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
@@ -226,13 +231,10 @@ def per_token_quant_gelu(prefix: torch.Tensor | None, x: torch.Tensor,
                              f"{tuple(x.shape)} {x.dtype}")
     m, g = x.shape
     p = 0 if prefix is None else prefix.shape[1]
-    k = p + g
-    is_int = dtype == torch.int8
-    qmax = reference.INT8_MAX if is_int else reference.FP8_MAX
-    q = torch.empty((m, k), dtype=dtype, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    q, s, qmax = _per_token_outputs(m, p + g, dtype, x.device)
     if m == 0:
         return q, s
+    is_int = dtype == torch.int8
     # 2048-wide steps, 8 warps: the fastest on an H100 at Flux's and Wan's widths (measured)
     _prefix_gelu_launch((m,), x if prefix is None else prefix, x, q, s, p, g,
                         0 if prefix is None else prefix.stride(0), x.stride(0), q.stride(0), QMAX=qmax,
