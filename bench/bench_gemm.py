@@ -42,7 +42,9 @@ SHAPES = {
              ("single linear1", 4608, 3072, 21504), ("single linear2", 4608, 15360, 3072)],
     # Few-row layers: modulation (one row per sample, x2 for cond/uncond), Wan cross-attn k/v on 512
     # context tokens, Flux text-stream linears (weight-only under W8A8 with keep_small_m_layers).
-    "few-rows": [("flux img_mod (M=2)", 2, 3072, 18432), ("flux single mod (M=2)", 2, 3072, 9216),
+    "few-rows": [("flux img_mod (M=1)", 1, 3072, 18432), ("flux img_mod (M=2)", 2, 3072, 18432),
+                 ("flux single mod (M=1)", 1, 3072, 9216), ("flux single mod (M=2)", 2, 3072, 9216),
+                 ("wan time_projection (M=2)", 2, 5120, 30720), ("16 rows", 16, 3072, 18432),
                  ("wan ctx k/v (M=512)", 512, 5120, 5120), ("flux txt qkv (M=512)", 512, 3072, 9216),
                  ("flux txt mlp.2 (M=512)", 512, 12288, 3072)],
 }
