@@ -7,7 +7,8 @@ own `fp8_e4m3fn_fast` weight dtype, and this pack's schemes, side by side in one
     python bench/bench_step.py --model flux --profile 12   # + where each variant's GPU time goes
 
 Variants are SCHEME:BACKEND (the Quantize Model node's two widgets), optionally followed by
-`:weight-only-few-rows` and/or `:no-gelu-handoff` (the node's GELU hand-off patches removed).
+`:weight-only-few-rows`, `:no-gelu-handoff` (the node's GELU hand-off patches removed) and/or
+`:no-shared-quant` (q, k and v each quantize their common input, as before nodes/shared_quant.py).
 Prints the step time, the ratio to bf16 and to ComfyUI fp8_e4m3fn_fast, DiT block linear-weight
 memory vs bf16, and the cosine similarity of the denoiser output to bf16. Needs CUDA and ComfyUI (QUANTDIT_COMFYUI, default .comfyui).
 """
@@ -189,6 +190,10 @@ def main():
         if "no-gelu-handoff" in flags:  # the GELUs written out, as before the hand-off (nodes/gelu_handoff.py)
             for key in [k for k, v in q.object_patches.items() if type(v).__name__ == "DeferredGelu"]:
                 del q.object_patches[key]
+        if "no-shared-quant" in flags:  # this variant's own quantized linears: q, k, v quantize x each
+            for v in q.object_patches.values():
+                if getattr(v, "quant_share", None) is not None:
+                    v.quant_share = None
         qt, out = step_time(q, inputs, a.reps)
         kernel = [ln.split("kernel: ")[1].rstrip(")") for ln in report.splitlines() if "kernel: " in ln]
         rows.append((variant, qt, gpu_kernels(q, inputs)[1], linear_bytes(q), _cos(out, ref_out),

@@ -17,6 +17,7 @@ from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import get_scheme
 from .gelu_handoff import defer_gelus
 from .ops import make_quant_ops
+from .shared_quant import share_row_quant
 
 
 COMPUTE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -50,6 +51,7 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
                               "the original model.", unclaimed[0])
     report = build_report(path, layout_of(plan), layers)
     defer_gelus(model, report)
+    share_row_quant(model, report)
     describe_kernels(report, model.load_device, backend)
     return model, report
 

@@ -12,16 +12,18 @@ import comfy.ops
 
 from ..quant import reference
 from ..quant.backends import pick_backend, run_linear
-from ..quant.deferred import DeferredActivation
+from ..quant.deferred import DeferredActivation, consumes_deferred
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.schemes import Scheme, get_scheme
+from ..quant.shared_quant import SharedQuant
 
 
 class QuantLinearMixin:
     """Behaviour shared by every quantized Linear, whatever the ComfyUI base op class is."""
     quant_scheme: Scheme | None = None
     quant_backend_pref: str | None = None
+    quant_share: SharedQuant | None = None     # set on q/k/v siblings (nodes/shared_quant.py)
 
     def quant_setup(self, scheme: Scheme, qdata: torch.Tensor, scale: torch.Tensor):
         self.quant_scheme = scheme
@@ -59,9 +61,20 @@ class QuantLinearMixin:
             # bf16 rounding (2^-9) is far below the 8-bit activation quantization step.
             xc = x.to(torch.bfloat16)
         x2d = xc.rows() if isinstance(xc, DeferredActivation) else xc.reshape(-1, k)
-        y = run_linear(x2d, qdata, scale, bias, self.quant_scheme, k, self._kernel(dev))
+        backend = self._kernel(dev)
+        if self.quant_share is not None:
+            x2d = self._shared_rows(x, x2d, backend)
+        y = run_linear(x2d, qdata, scale, bias, self.quant_scheme, k, backend)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _shared_rows(self, x, x2d, backend):
+        # The quantized rows a sibling made from this same tensor `x`, or fresh ones it can reuse.
+        scheme = self.quant_scheme
+        if (type(x2d) is not torch.Tensor or backend.row_quantizer is None or not consumes_deferred(scheme)
+                or torch.compiler.is_compiling()):
+            return x2d
+        return self.quant_share.rows(x, x2d, (backend.name, scheme.name), lambda t: backend.row_quantizer(t, scheme))
 
     def _patched_forward(self, x, qdata, scale, bias):
         # lowvram LoRA path: ComfyUI hands us functions of the float weight.

@@ -190,14 +190,23 @@ def emulated_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, s
     x2d = x.reshape(-1, k)
     if scheme.quantizes_activation:
         xq, xs = quantize_activation(x2d, scheme)
-        xf = dequantize_activation(xq, xs, scheme)
+        out = emulated_linear_quantized(xq, xs, x.dtype, qdata, scale, scheme, bias, k)
     else:
-        xf = x2d.float()
-    w = dequantize_weight(qdata, scale, scheme, k)
-    out = xf @ w.t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).reshape(*lead, w.shape[0])
+        out = _float_linear(x2d.float(), qdata, scale, scheme, bias, k).to(x.dtype)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def emulated_linear_quantized(xq: torch.Tensor, xs: torch.Tensor, out_dtype: torch.dtype, qdata: torch.Tensor,
+                              scale: torch.Tensor, scheme: Scheme, bias: torch.Tensor | None,
+                              in_features: int) -> torch.Tensor:
+    """emulated_linear of a W8A8 scheme from the activation's quantized rows [tokens, in]."""
+    xf = dequantize_activation(xq, xs, scheme)
+    return _float_linear(xf, qdata, scale, scheme, bias, in_features).to(out_dtype)
+
+
+def _float_linear(xf, qdata, scale, scheme, bias, k):
+    out = xf @ dequantize_weight(qdata, scale, scheme, k).t()
+    return out if bias is None else out + bias.float()
 
 
 def weight_nbytes(out_features: int, in_features: int, scheme: Scheme) -> int:

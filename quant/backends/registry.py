@@ -36,6 +36,10 @@ class Backend:
     # schemes whose `linear` also takes a quant.deferred.DeferredActivation (and quantizes it in one
     # pass); every other backend gets it computed first
     deferred_schemes: frozenset = frozenset()
+    # fn(x2d, scheme) -> (q, scale): the backend's activation quantizer for the schemes that quantize
+    # per token. Where given, `linear` also takes its output as a quant.shared_quant.QuantizedRows for
+    # those schemes, so sibling linears reading one activation quantize it once (nodes/shared_quant.py).
+    row_quantizer: Optional[Callable[[torch.Tensor, Scheme], tuple[torch.Tensor, torch.Tensor]]] = None
 
     def rank(self, scheme: Scheme) -> int:
         return self.scheme_priority.get(scheme.name, self.priority)

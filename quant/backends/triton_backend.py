@@ -21,6 +21,7 @@ import torch
 from ..deferred import DeferredActivation
 from ..kernels import interpreted, triton_missing
 from ..schemes import Scheme
+from ..shared_quant import QuantizedRows
 from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 from .torch_native import upcast_linear
 
@@ -29,6 +30,7 @@ _MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9), "fp8-block128": (8, 
                    "int8-weight-only": (8, 0), "fp8-weight-only": (8, 9), "fp8-scaled": (8, 9),
                    "fp8-e5m2-weight-only": (8, 9), "fp8-e5m2-scaled": (8, 9)}
 WEIGHT_ONLY_KERNEL_MAX_ROWS = 2048
+_ACTIVATION_DTYPE = {"int8-w8a8": torch.int8, "fp8-w8a8": torch.float8_e4m3fn}
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,9 +54,15 @@ def _scaled_mm_ok(xq: torch.Tensor, n: int) -> bool:
 
 
 def _per_token(quant, x2d, dtype):
+    if isinstance(x2d, QuantizedRows):      # quantized by a sibling layer reading the same tensor
+        return x2d.q, x2d.scale
     if isinstance(x2d, DeferredActivation):  # a GELU (and concatenation) not yet computed: one pass
         return quant.per_token_quant_gelu(x2d.prefix, x2d.source, dtype)
     return quant.per_token_quant(x2d, dtype)
+
+
+def _quantize_rows(x2d, scheme):
+    return _kernels()[0].per_token_quant(x2d, _ACTIVATION_DTYPE[scheme.name])
 
 
 def _linear(x2d, qdata, scale, bias, scheme, in_features):
@@ -65,10 +73,10 @@ def _linear(x2d, qdata, scale, bias, scheme, in_features):
             return weight_only.weight_only_gemm(x2d, qdata, scale, None if bias is None else bias.to(out_dtype))
         return upcast_linear(x2d, qdata, scale, bias)
     if scheme.name == "int8-w8a8":
-        xq, xs = _per_token(quant, x2d, torch.int8)
+        xq, xs = _per_token(quant, x2d, _ACTIVATION_DTYPE[scheme.name])
         return gemm.w8a8_gemm(xq, xs, qdata, scale, bias, out_dtype)
     if scheme.name == "fp8-w8a8":
-        xq, xs = _per_token(quant, x2d, torch.float8_e4m3fn)
+        xq, xs = _per_token(quant, x2d, _ACTIVATION_DTYPE[scheme.name])
         n = qdata.shape[0]
         if (not gemm.hopper_ready(xq, qdata) and _scaled_mm_ok(xq, n)
                 and out_dtype in (torch.bfloat16, torch.float16)):
@@ -91,4 +99,5 @@ TRITON = register_backend(Backend(
     install_hint="Install Triton (`pip install triton`; it ships with PyTorch's CUDA wheels on Linux, "
                  "and as `triton-windows` on Windows).",
     deferred_schemes=frozenset({"int8-w8a8", "fp8-w8a8"}),
+    row_quantizer=_quantize_rows,
 ))

@@ -20,6 +20,7 @@ from .. import reference
 from ..deferred import DeferredActivation
 from ..kernels import triton_missing
 from ..schemes import Scheme
+from ..shared_quant import QuantizedRows
 from . import marlin_layout as marlin
 from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
@@ -113,6 +114,8 @@ def _triton_quant():
 
 
 def _per_token(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(x2d, QuantizedRows):      # quantized by a sibling layer reading the same tensor
+        return x2d.q, x2d.scale
     if isinstance(x2d, DeferredActivation):
         # A GELU (and concatenation) not yet computed: the pack's Triton quantizer applies it in the
         # same pass; vLLM's quant ops would need it written out first.
@@ -128,6 +131,10 @@ def _per_token(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     else:
         torch.ops._C.dynamic_per_token_scaled_fp8_quant(q, x2d, s, None)
     return q, s
+
+
+def _quantize_rows(x2d: torch.Tensor, scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    return _per_token(x2d, torch.int8 if scheme.name == "int8-w8a8" else reference.FP8_DTYPE)
 
 
 def _per_group(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +197,9 @@ def _linear(x2d, qdata, scale, bias, scheme, in_features):
             return reference.emulated_linear(x2d, qdata, scale, scheme, bias, in_features)
         return _marlin_linear(x2d, qdata, scale, bias, in_features)
     if not _cutlass_ok(in_features, n, out_dtype) or (scheme.name == "fp8-block128" and in_features % 128):
+        if isinstance(x2d, QuantizedRows):
+            return reference.emulated_linear_quantized(x2d.q, x2d.scale, out_dtype, qdata, scale, scheme, bias,
+                                                       in_features)
         return reference.emulated_linear(x2d, qdata, scale, scheme, bias, in_features)
     if scheme.name == "fp8-block128":
         xq, xs = _per_group(x2d)
@@ -213,6 +223,7 @@ VLLM = register_backend(Backend(
     # "auto" keeps Triton for int4, and Marlin runs where vllm is named.
     scheme_priority={"int4-g128": 18},
     deferred_schemes=frozenset({"int8-w8a8", "fp8-w8a8"}),
+    row_quantizer=_quantize_rows,
     install_hint="Install the optional extra: `pip install comfyui-quantdit[vllm]` (a vllm build matching "
                  "your PyTorch), or set QUANTDIT_VLLM_LIB to vLLM's _C_stable_libtorch.abi3.so.",
 ))

@@ -85,6 +85,24 @@ def test_backends_take_a_deferred_gelu_on_gpu(backend, scheme_name):
         assert cos(y, ref) >= 0.9995 and cos(linear(full, qdata, scale, bias, scheme, p + g), ref) >= 0.9995
 
 
+@pytest.mark.parametrize("backend", ["triton", "vllm"])
+@pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
+@pytest.mark.parametrize("m", [4096, 512, 1])
+def test_backends_take_shared_quantized_rows_on_gpu(backend, scheme_name, m):
+    # What Wan's k and v get from q (nodes/shared_quant.py): the rows the backend's own quantizer
+    # made, giving exactly what the layer computes from the activation itself.
+    from quant.shared_quant import QuantizedRows
+    scheme = get_scheme(scheme_name)
+    if why_not(backend, scheme, DEV):
+        pytest.skip(f"{backend}: {why_not(backend, scheme, DEV)}")
+    x = torch.randn(m, 5120, device=DEV, dtype=torch.bfloat16)
+    qdata, scale = reference.quantize_weight(torch.randn(5120, 5120, device=DEV) / 5120 ** 0.5, scheme)
+    bias = torch.randn(5120, device=DEV, dtype=torch.bfloat16) * 0.02
+    b = get_backend(backend)
+    rows = QuantizedRows(*b.row_quantizer(x, scheme), x.dtype)
+    assert torch.equal(b.linear(rows, qdata, scale, bias, scheme, 5120), b.linear(x, qdata, scale, bias, scheme, 5120))
+
+
 def test_triton_group_quant_and_int4_dequant_are_exact_on_gpu():
     x = torch.randn(4096, 3072, device=DEV, dtype=torch.bfloat16)
     q, s = triton_quant.per_group_fp8_quant(x)
