@@ -12,7 +12,7 @@ import comfy.ops
 
 from ..quant import reference
 from ..quant.backends import pick_backend, run_linear
-from ..quant.deferred import DeferredActivation, consumes_deferred
+from ..quant.deferred import DeferredActivation
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.schemes import Scheme, get_scheme
@@ -69,10 +69,10 @@ class QuantLinearMixin:
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _shared_rows(self, x, x2d, backend):
-        # The quantized rows a sibling made from this same tensor `x`, or fresh ones it can reuse.
+        # The quantized rows a sibling made from this same tensor `x`, or fresh ones it can reuse
+        # (only per-token W8A8 layers get a slot, see nodes/shared_quant.py).
         scheme = self.quant_scheme
-        if (type(x2d) is not torch.Tensor or backend.row_quantizer is None or not consumes_deferred(scheme)
-                or torch.compiler.is_compiling()):
+        if type(x2d) is not torch.Tensor or backend.row_quantizer is None or torch.compiler.is_compiling():
             return x2d
         return self.quant_share.rows(x, x2d, (backend.name, scheme.name), lambda t: backend.row_quantizer(t, scheme))
 

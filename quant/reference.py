@@ -26,6 +26,11 @@ GROUP = 128
 _MIN_AMAX = 1e-12
 
 
+def activation_dtype(scheme: Scheme) -> torch.dtype:
+    """The torch dtype a W8A8 scheme quantizes activations to (int8 or float8_e4m3fn)."""
+    return torch.int8 if scheme.activation_format == INT8 else _FP8_DTYPES[scheme.activation_format]
+
+
 def _qmax(fmt: str) -> float:
     return {FP8_E4M3: FP8_MAX, FP8_E5M2: FP8_E5M2_MAX, INT8: INT8_MAX, INT4: INT4_MAX}[fmt]
 

@@ -18,6 +18,7 @@ import functools
 
 import torch
 
+from .. import reference
 from ..deferred import DeferredActivation
 from ..kernels import interpreted, triton_missing
 from ..schemes import Scheme
@@ -30,7 +31,6 @@ _MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9), "fp8-block128": (8, 
                    "int8-weight-only": (8, 0), "fp8-weight-only": (8, 9), "fp8-scaled": (8, 9),
                    "fp8-e5m2-weight-only": (8, 9), "fp8-e5m2-scaled": (8, 9)}
 WEIGHT_ONLY_KERNEL_MAX_ROWS = 2048
-_ACTIVATION_DTYPE = {"int8-w8a8": torch.int8, "fp8-w8a8": torch.float8_e4m3fn}
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,7 +62,7 @@ def _per_token(quant, x2d, dtype):
 
 
 def _quantize_rows(x2d, scheme):
-    return _kernels()[0].per_token_quant(x2d, _ACTIVATION_DTYPE[scheme.name])
+    return _kernels()[0].per_token_quant(x2d, reference.activation_dtype(scheme))
 
 
 def _linear(x2d, qdata, scale, bias, scheme, in_features):
@@ -73,10 +73,10 @@ def _linear(x2d, qdata, scale, bias, scheme, in_features):
             return weight_only.weight_only_gemm(x2d, qdata, scale, None if bias is None else bias.to(out_dtype))
         return upcast_linear(x2d, qdata, scale, bias)
     if scheme.name == "int8-w8a8":
-        xq, xs = _per_token(quant, x2d, _ACTIVATION_DTYPE[scheme.name])
+        xq, xs = _per_token(quant, x2d, reference.activation_dtype(scheme))
         return gemm.w8a8_gemm(xq, xs, qdata, scale, bias, out_dtype)
     if scheme.name == "fp8-w8a8":
-        xq, xs = _per_token(quant, x2d, _ACTIVATION_DTYPE[scheme.name])
+        xq, xs = _per_token(quant, x2d, reference.activation_dtype(scheme))
         n = qdata.shape[0]
         if (not gemm.hopper_ready(xq, qdata) and _scaled_mm_ok(xq, n)
                 and out_dtype in (torch.bfloat16, torch.float16)):

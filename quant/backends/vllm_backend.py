@@ -134,7 +134,7 @@ def _per_token(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
 
 
 def _quantize_rows(x2d: torch.Tensor, scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    return _per_token(x2d, torch.int8 if scheme.name == "int8-w8a8" else reference.FP8_DTYPE)
+    return _per_token(x2d, reference.activation_dtype(scheme))
 
 
 def _per_group(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +205,7 @@ def _linear(x2d, qdata, scale, bias, scheme, in_features):
         xq, xs = _per_group(x2d)
         ws = scale.float().t()  # [K/128, N/128]
     else:
-        xq, xs = _per_token(x2d, torch.int8 if scheme.name == "int8-w8a8" else reference.FP8_DTYPE)
+        xq, xs = _per_token(x2d, reference.activation_dtype(scheme))
         ws = scale.float().reshape(-1, 1).contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=x2d.device)
     b = None if bias is None else bias.to(out_dtype).contiguous()

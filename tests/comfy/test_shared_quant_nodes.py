@@ -9,37 +9,16 @@ import os
 import pytest
 import torch
 
-import flux_fixtures
+import tiny_dits
 import wan_fixtures
-from scripts.tiny_models import save, wan21_dit
+from tiny_dits import load, quantize, sample
 
 ON_CUDA = os.environ.get("QUANTDIT_COMFY_DEVICE", "cpu") == "cuda"
 
 
 @pytest.fixture(scope="module")
 def files(models_dir):
-    save(wan21_dit(dim=256, ffn_dim=512, num_layers=2, seed=4), os.path.join(models_dir, "s_wan_bf16.safetensors"))
-    flux_fixtures.write_flux(os.path.join(models_dir, "s_flux_bf16.safetensors"))
-    return {"wan": ("s_wan_bf16.safetensors", wan_fixtures), "flux": ("s_flux_bf16.safetensors", flux_fixtures)}
-
-
-def load(comfy, files, arch):
-    nodes, _ = comfy
-    return nodes.UNETLoader().load_unet(files[arch][0], "default")[0]
-
-
-def quantize(comfy, model, scheme, **kw):
-    nodes, _ = comfy
-    return tuple(nodes.NODE_CLASS_MAPPINGS["QuantDiTQuantizeModel"].execute(
-        model=model, scheme=scheme, backend="auto", **kw).result)
-
-
-def sample(comfy, files, arch, model):
-    nodes, _ = comfy
-    fx = files[arch][1]
-    (out,) = nodes.KSampler().sample(model, 5, 2, 2.0, "euler", "simple", fx.conditioning(1), fx.conditioning(2),
-                                     fx.latent(), denoise=1.0)
-    return out["samples"].float()
+    return tiny_dits.write(models_dir, "s", seed=4)
 
 
 def slots(model):
