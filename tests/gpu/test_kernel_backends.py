@@ -322,6 +322,35 @@ def test_direct_launch_equals_triton_launch(monkeypatch, scheme_name):
         assert triton_gemm._w8a8_persistent_launch.cache, "no launch went through the compiled-kernel cache"
 
 
+@pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
+@pytest.mark.parametrize("m,k,n", [(1, 3072, 18432), (2, 3072, 9216)])
+def test_few_rows_schedule_is_timed_once_and_never_inside_a_graph(monkeypatch, scheme_name, m, k, n):
+    monkeypatch.setattr(triton_gemm, "_few_rows_winner", {})
+    scheme = get_scheme(scheme_name)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    wq, ws = reference.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, scheme)
+    b = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    xq, xs = reference.quantize_activation(x, scheme)
+    y = triton_gemm.w8a8_gemm(xq, xs, wq, ws, b, torch.bfloat16)  # times both schedules, keeps the winner
+    (won,) = triton_gemm._few_rows_winner.values()
+    print(f"{scheme_name} {m}x{k}x{n}: the {'persistent' if won else 'plain'} schedule won")
+    assert cos(y, reference.emulated_linear(x, wq, ws, scheme, b, k)) > 0.99999
+    monkeypatch.setattr(triton_gemm, "PERSISTENT", False)
+    plain = triton_gemm.w8a8_gemm(xq, xs, wq, ws, b, torch.bfloat16)
+    monkeypatch.setattr(triton_gemm, "PERSISTENT", True)
+    monkeypatch.setattr(triton_gemm, "CHOOSE_FEW_ROWS_SCHEDULE", False)
+    persistent = triton_gemm.w8a8_gemm(xq, xs, wq, ws, b, torch.bfloat16)
+    assert torch.equal(y, persistent if won else plain)
+    monkeypatch.setattr(triton_gemm, "CHOOSE_FEW_ROWS_SCHEDULE", True)
+    monkeypatch.setattr(triton_gemm, "_few_rows_winner", {})
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # an untimed shape met inside a capture runs the persistent schedule
+        captured = triton_gemm.w8a8_gemm(xq, xs, wq, ws, b, torch.bfloat16)
+    graph.replay()
+    assert not triton_gemm._few_rows_winner
+    assert torch.equal(captured, persistent)
+
+
 @pytest.mark.parametrize("scheme_name", ["int8-weight-only", "fp8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only"])
 @pytest.mark.parametrize("m,k,n", [(1, 3072, 18432), (2, 3072, 9216), (3, 5120, 5120), (512, 12288, 3072),
                                    (2048, 3072, 3072), (4096, 3072, 3072)])
