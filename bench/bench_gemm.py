@@ -134,7 +134,7 @@ def variants_for(scheme, dev):
         if scheme.name in ("fp8-w8a8", "int8-w8a8"):
             gemm = own_fp8_gemm if scheme.name == "fp8-w8a8" else get_backend("triton").linear
             out.append(("triton-not-persistent", with_flag(gemm, "PERSISTENT", False)))
-            out.append(("triton-always-persistent", with_flag(gemm, "CHOOSE_FEW_ROWS_SCHEDULE", False)))
+            out.append(("triton-no-few-rows-kernel", with_flag(gemm, "USE_KERNEL", False, "few_rows_gemm")))
         if scheme.name == "int8-w8a8":
             out.append(("triton-no-pingpong", with_flag(gemm, "USE_PINGPONG", False, "gluon_gemm")))
     return out

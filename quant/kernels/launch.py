@@ -13,9 +13,11 @@ cached kernel is only reused where Triton would have picked that same kernel.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
 from . import interpreted
@@ -112,3 +114,18 @@ def remember(memo: dict, key, launcher: Launcher, args, kwargs, grid, *extra):
     if chosen is not None:
         kernel, cfg = chosen
         memo[key] = (kernel, cfg, grid(cfg) + (1, 1), *extra)
+
+
+# Programmatic dependent launch (Hopper and newer, a Triton with griddepcontrol): a kernel launched
+# with it starts while the kernel before it still runs, and waits for that kernel's results itself.
+GRID_DEPENDENCY_CONTROL = hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+
+
+@functools.lru_cache(maxsize=None)
+def _nvidia_hopper_or_newer(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def dependent_launch_ok(t: torch.Tensor) -> bool:
+    """Kernels working on t may use programmatic dependent launch."""
+    return GRID_DEPENDENCY_CONTROL and t.is_cuda and not interpreted() and _nvidia_hopper_or_newer(t.get_device())

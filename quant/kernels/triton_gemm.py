@@ -6,7 +6,8 @@
 - `block_fp8_gemm`: fp8 with 1x128 activation groups and 128x128 weight blocks (the DeepGEMM
   recipe): the partial product of each 128-wide K step is scaled before it is accumulated.
 Tile sizes are autotuned per (M bucket, N, K) on the GPU; the CPU interpreter uses one small tile.
-int8 on Hopper runs gluon_gemm.py's kernel instead: Triton keeps int8 MMAs synchronous (see there).
+int8 on Hopper runs gluon_gemm.py's kernel instead: Triton keeps int8 MMAs synchronous (see there);
+up to 16 tokens both formats run few_rows_gemm.py's kernel on Hopper.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import gluon_gemm, interpreted, launch
+from . import few_rows_gemm, gluon_gemm, interpreted, launch
 from .launch import TENSOR_DESCRIPTOR, Launcher
 
 log = logging.getLogger("quantdit")
@@ -211,25 +212,9 @@ def _set_tma_blocks(nargs):
     nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-# Token buckets up to this are "few rows" (Flux/Wan modulation, time embeddings): the GEMM streams the
-# weight once and is bound by memory, so narrow tiles (more programs to spread the weight over the SMs)
-# are tried, and the plain schedule competes with the persistent one (_persistent_wins).
-FEW_ROWS_BUCKET = 64
-
-
 def _tma_configs():
-    wide = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
+    return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
             for c in _configs()]
-    narrow = [triton.Config({"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8},
-                            num_warps=4, num_stages=stages, pre_hook=_set_tma_blocks)
-              for bn, stages in ((32, 6), (32, 8), (64, 6))]
-    return wide + narrow
-
-
-def _prune_tma_configs(configs, named_args, **kwargs):
-    # Narrow tiles only for few rows: elsewhere they would only lengthen the tuning.
-    few = named_args["M_BUCKET"] <= FEW_ROWS_BUCKET
-    return [c for c in configs if few or c.kwargs["BLOCK_N"] >= 128]
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,8 +260,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_w8a8_tma_launch = Launcher(triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "IS_INT"],
-                                            prune_configs_by={"early_config_prune": _prune_tma_configs})(
+_w8a8_tma_launch = Launcher(triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(
     _w8a8_tma_kernel))
 _w8a8_persistent_launch = Launcher(triton.autotune(configs=_persistent_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(
     _w8a8_persistent_kernel))
@@ -391,64 +375,6 @@ def _gluon_int8(xq, a_s, wq, b_s, bias, y) -> bool:
         return False
 
 
-def _persistent_schedule(xq, a_s, wq, b_s, bias, y, is_int: bool) -> None:
-    """Hopper's persistent GEMM into y (bias: None or contiguous): Gluon's for int8 where it builds."""
-    if is_int and xq.shape[1] >= gluon_gemm.MIN_K and _gluon_int8(xq, a_s, wq, b_s, bias, y):
-        return
-    _persistent(xq, wq, y, a_s, b_s, bias, is_int)
-
-
-def _plain_schedule(xq, a_s, wq, b_s, bias, y, is_int: bool) -> None:
-    """Hopper's TMA GEMM with one program per output tile into y (bias: None or contiguous)."""
-    m, k = xq.shape
-    n = wq.shape[0]
-    bias_ptr = y if bias is None else bias
-    a_desc, b_desc = _operand_descriptors(xq, wq, 128, 128)   # block shapes set per config
-    if interpreted():
-        a_desc.block_shape, b_desc.block_shape = [32, 128], [32, 128]
-        _w8a8_tma_kernel[_grid(m, n)(_INTERPRETER_TILE)](
-            a_desc, b_desc, y, a_s, b_s, bias_ptr, m, n, k, _m_bucket(m), y.stride(0),
-            HAS_BIAS=bias is not None, IS_INT=is_int, **_INTERPRETER_TILE)
-        return
-    _w8a8_tma_launch(_grid(m, n), a_desc, b_desc, y, a_s, b_s, bias_ptr, m, n, k, _m_bucket(m), y.stride(0),
-                     HAS_BIAS=bias is not None, IS_INT=is_int)
-
-
-# QUANTDIT_FEW_ROWS_CHOICE=0 (and benchmarks) keeps few-row GEMMs on the persistent schedule.
-CHOOSE_FEW_ROWS_SCHEDULE = os.environ.get("QUANTDIT_FEW_ROWS_CHOICE", "1") != "0"
-# (token bucket, N, K, operand and output dtypes, bias, device) -> whether the persistent schedule won
-_few_rows_winner: dict[tuple, bool] = {}
-
-
-def _time_ms(fn) -> float:
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=5, rep=20, return_mode="median")
-
-
-def _cannot_time(t: torch.Tensor) -> bool:
-    # Off the GPU (the CPU interpreter) or inside a CUDA graph capture nothing can be timed.
-    return not t.is_cuda or torch.cuda.is_current_stream_capturing()
-
-
-def _persistent_wins(xq, a_s, wq, b_s, bias, y, is_int: bool) -> bool:
-    """For few rows, whichever schedule is faster at this shape: the persistent one leaves SMs idle
-    when the weight has fewer tiles than there are SMs, or a few more (Flux's 3072x18432 modulation
-    has 144 for 132 SMs), where several plain programs per SM share the weight out more evenly; at
-    other shapes it wins. Timed once per shape on the GPU, outside CUDA graph capture (the persistent one until then)."""
-    m_bucket = _m_bucket(xq.shape[0])
-    if not CHOOSE_FEW_ROWS_SCHEDULE or m_bucket > FEW_ROWS_BUCKET:
-        return True
-    key = (m_bucket, wq.shape[0], xq.shape[1], xq.dtype, y.dtype, bias is None, _index(xq))
-    won = _few_rows_winner.get(key)
-    if won is None:
-        if _cannot_time(xq):
-            return True
-        args = (xq, a_s, wq, b_s, bias, y, is_int)
-        won = _few_rows_winner[key] = (_time_ms(lambda: _persistent_schedule(*args))
-                                       <= _time_ms(lambda: _plain_schedule(*args)))
-    return won
-
-
 def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """xq [M, K], x_scale [M, 1]; wq [N, K], w_scale [N, 1] (int8 or float8_e4m3fn) -> [M, N] out_dtype."""
@@ -462,11 +388,25 @@ def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale
         b_s = b_s.reshape(1).expand(n).contiguous()
     bias_ptr = bias_arg(bias, y)
     if hopper_ready(xq, wq):
-        args = (xq, a_s, wq, b_s, None if bias is None else bias_ptr, y, is_int)
-        if PERSISTENT and _y_desc_ok(y) and _persistent_wins(*args):
-            _persistent_schedule(*args)
-        else:
-            _plain_schedule(*args)
+        if few_rows_gemm.applies(m):
+            few_rows_gemm.gemm(xq, a_s, wq, b_s, None if bias is None else bias_ptr, y)
+            return y
+        persistent = PERSISTENT and _y_desc_ok(y)
+        if (persistent and is_int and k >= gluon_gemm.MIN_K
+                and _gluon_int8(xq, a_s, wq, b_s, None if bias is None else bias_ptr, y)):
+            return y
+        if persistent:
+            _persistent(xq, wq, y, a_s, b_s, None if bias is None else bias_ptr, is_int)
+            return y
+        a_desc, b_desc = _operand_descriptors(xq, wq, 128, 128)   # block shapes set per config
+        if interpreted():
+            a_desc.block_shape, b_desc.block_shape = [32, 128], [32, 128]
+            _w8a8_tma_kernel[_grid(m, n)(_INTERPRETER_TILE)](
+                a_desc, b_desc, y, a_s, b_s, bias_ptr, m, n, k, _m_bucket(m), y.stride(0),
+                HAS_BIAS=bias is not None, IS_INT=is_int, **_INTERPRETER_TILE)
+            return y
+        _w8a8_tma_launch(_grid(m, n), a_desc, b_desc, y, a_s, b_s, bias_ptr, m, n, k, _m_bucket(m), y.stride(0),
+                         HAS_BIAS=bias is not None, IS_INT=is_int)
         return y
     _launch(_w8a8_launch, _w8a8_kernel, m, n, xq, wq, y, a_s, b_s, bias_ptr, m, n, k, _m_bucket(m),
             xq.stride(0), wq.stride(0), y.stride(0),

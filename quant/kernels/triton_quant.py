@@ -19,7 +19,7 @@ from triton.language.extra import libdevice
 
 from .. import reference
 from . import interpreted
-from .launch import Launcher
+from .launch import Launcher, dependent_launch_ok
 
 _ONE_PASS_MAX = 16384
 _GROUP = reference.GROUP
@@ -73,7 +73,9 @@ def _reciprocal_scale(amax, QMAX: tl.constexpr):
 @triton.jit
 def _per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
                       QMAX: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
-                      HW_ROUND: tl.constexpr):
+                      HW_ROUND: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
+    if LAUNCH_DEPENDENTS:  # a GEMM launched as a dependent (few_rows_gemm) may start now; it waits for our rows
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
@@ -215,7 +217,8 @@ def per_token_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     block = triton.next_power_of_2(k) if one_pass else 4096
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     _per_token_launch((m,), x, q, s, k, x.stride(0), q.stride(0), QMAX=qmax, IS_INT=is_int, BLOCK=block,
-                      ONE_PASS=one_pass, HW_ROUND=not interpreted(), num_warps=warps)
+                      ONE_PASS=one_pass, HW_ROUND=not interpreted(), LAUNCH_DEPENDENTS=dependent_launch_ok(x),
+                      num_warps=warps)
     return q, s
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from quant import reference
 from quant.backends import get_backend
-from quant.kernels import triton_gemm, triton_int4, triton_quant, triton_weight_only
+from quant.kernels import few_rows_gemm, triton_gemm, triton_int4, triton_quant, triton_weight_only
 from quant.schemes import get_scheme
 
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -112,61 +112,22 @@ def test_w8a8_hopper_kernels_equal_reference(monkeypatch, persistent, scheme_nam
     _check_w8a8_gemm(scheme_name, m, k, n, bias=True)
 
 
-def _spy_schedules(monkeypatch, persistent_ms, plain_ms):
-    """Counts which Hopper schedule runs, and times them with the given fake numbers (a callable
-    that runs the schedule, as the real timer does, then reports a time for it)."""
-    ran = {"persistent": 0, "plain": 0, "timed": 0}
-    for name, label in (("_persistent_schedule", "persistent"), ("_plain_schedule", "plain")):
-        real = getattr(triton_gemm, name)
-
-        def spy(*args, real=real, label=label):
-            ran[label] += 1
-            real(*args)
-        spy.label = label
-        monkeypatch.setattr(triton_gemm, name, spy)
-
-    def fake_time(fn):
-        before = dict(ran)
-        fn()
-        ran["timed"] += 1
-        return persistent_ms if ran["persistent"] > before["persistent"] else plain_ms
-    monkeypatch.setattr(triton_gemm, "_time_ms", fake_time)
-    monkeypatch.setattr(triton_gemm, "_few_rows_winner", {})
-    monkeypatch.setattr(triton_gemm, "INTERPRET_TMA", True)
-    monkeypatch.setattr(triton_gemm, "_cannot_time", lambda t: False)  # the CPU interpreter too
-    return ran
-
-
 @pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
-@pytest.mark.parametrize("plain_faster", [True, False])
-def test_few_rows_take_the_schedule_timed_faster_once(monkeypatch, scheme_name, plain_faster):
-    ran = _spy_schedules(monkeypatch, persistent_ms=2.0, plain_ms=1.0 if plain_faster else 3.0)
-    for m in (3, 16, 1):  # one token bucket: timed at the first call only
-        _check_w8a8_gemm(scheme_name, m, 256, 96, bias=True)
-    assert ran["timed"] == 2
-    assert list(triton_gemm._few_rows_winner.values()) == [not plain_faster]
-    winner, loser = ("plain", "persistent") if plain_faster else ("persistent", "plain")
-    assert ran[winner] == 1 + 3 and ran[loser] == 1  # one timing run each, then the winner for all three
+@pytest.mark.parametrize("m,k,n,bias", [(1, 256, 96, True), (5, 272, 70, False), (16, 384, 128, True)])
+def test_few_rows_kernel_equals_reference(monkeypatch, scheme_name, m, k, n, bias):
+    # Up to 16 tokens on Hopper: y^T = W x^T (ragged K and N read as zeros by the TMA unit).
+    monkeypatch.setattr(triton_gemm, "INTERPRET_TMA", True)
+    calls = []
+    real = few_rows_gemm.gemm
+    monkeypatch.setattr(few_rows_gemm, "gemm", lambda *a: calls.append(a[0].shape) or real(*a))
+    _check_w8a8_gemm(scheme_name, m, k, n, bias=bias)
+    assert calls == [(m, k)]
 
 
-def test_many_rows_and_graph_capture_keep_the_persistent_schedule(monkeypatch):
-    ran = _spy_schedules(monkeypatch, persistent_ms=2.0, plain_ms=1.0)
-    _check_w8a8_gemm("fp8-w8a8", 70, 256, 96, bias=False)  # bucket 128: not few rows
-    monkeypatch.setattr(triton_gemm, "_cannot_time", lambda t: True)  # as inside a graph capture
-    _check_w8a8_gemm("fp8-w8a8", 2, 256, 96, bias=False)  # no timing inside a capture, nothing kept
-    assert ran == {"persistent": 2, "plain": 0, "timed": 0} and not triton_gemm._few_rows_winner
-    monkeypatch.setattr(triton_gemm, "CHOOSE_FEW_ROWS_SCHEDULE", False)  # QUANTDIT_FEW_ROWS_CHOICE=0
-    monkeypatch.setattr(triton_gemm, "_cannot_time", lambda t: False)
-    _check_w8a8_gemm("int8-w8a8", 2, 256, 96, bias=False)
-    assert ran == {"persistent": 3, "plain": 0, "timed": 0}
-
-
-def test_narrow_tiles_are_tuned_for_few_rows_only():
-    configs = triton_gemm._tma_configs()
-    few = triton_gemm._prune_tma_configs(configs, {"M_BUCKET": 16})
-    many = triton_gemm._prune_tma_configs(configs, {"M_BUCKET": 128})
-    assert len(few) == len(configs) and min(c.kwargs["BLOCK_N"] for c in few) == 32
-    assert many and min(c.kwargs["BLOCK_N"] for c in many) == 128
+def test_few_rows_kernel_takes_up_to_16_tokens(monkeypatch):
+    assert few_rows_gemm.applies(1) and few_rows_gemm.applies(16) and not few_rows_gemm.applies(17)
+    monkeypatch.setattr(few_rows_gemm, "USE_KERNEL", False)  # QUANTDIT_FEW_ROWS_KERNEL=0
+    assert not few_rows_gemm.applies(1)
 
 
 WEIGHT_ONLY = ["int8-weight-only", "fp8-weight-only", "fp8-scaled", "fp8-e5m2-weight-only", "fp8-e5m2-scaled"]
