@@ -40,8 +40,9 @@ def _few_rows_kernel(w_desc, x_desc, y_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, s
         acc = tl.dot(w, x.T, acc, out_dtype=tl.int32 if IS_INT else tl.float32)
     offs_n = off_n + tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, BLOCK_T)
-    out = acc.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
-    out = out * tl.load(as_ptr + offs_t, mask=offs_t < M, other=0.0)[None, :]
+    # token scale first, then channel scale: the other GEMMs' order, so int8 results are bit-equal
+    out = acc.to(tl.float32) * tl.load(as_ptr + offs_t, mask=offs_t < M, other=0.0)[None, :]
+    out = out * tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     mask = (offs_n[:, None] < N) & (offs_t[None, :] < M)

@@ -13,6 +13,7 @@ from quant.schemes import get_scheme
 from quant.shared_quant import QuantizedRows, SharedQuant
 
 W8A8 = ["int8-w8a8", "fp8-w8a8"]
+DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # GPU machine: compiled kernels
 
 
 def _counting_quantizer(calls, scheme):
@@ -91,9 +92,9 @@ def test_the_rows_are_dropped_with_their_source_and_an_old_source_leaves_a_new_e
 @pytest.mark.parametrize("scheme_name", W8A8)
 def test_backends_give_the_same_output_from_quantized_rows(backend, scheme_name):
     scheme, b = get_scheme(scheme_name), get_backend(backend)
-    x = _x(24, 384)
-    wq, ws = reference.quantize_weight(_x(160, 384, seed=6).float(), scheme)
-    bias = _x(1, 160, seed=7)[0]
+    x = _x(24, 384).to(DEV)
+    wq, ws = reference.quantize_weight(_x(160, 384, seed=6).float().to(DEV), scheme)
+    bias = _x(1, 160, seed=7)[0].to(DEV)
     q, s = b.row_quantizer(x, scheme)
     rows = QuantizedRows(q, s, x.dtype)
     assert torch.equal(b.linear(rows, wq, ws, bias, scheme, 384), b.linear(x, wq, ws, bias, scheme, 384))
