@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from quant import reference  # noqa: E402
 from quant.backends import get_backend, list_backends, pick_backend, why_not  # noqa: E402
 from quant.schemes import get_scheme  # noqa: E402
+from quant.shared_quant import QuantizedRows  # noqa: E402
 
 # (label, M tokens, K in, N out). Wan 2.1 14B at 832x480x81 = 32760 video tokens; Flux at
 # 1024x1024 = 4096 image tokens (+512 text tokens in the double blocks, 4608 in the single ones).
@@ -126,8 +127,34 @@ def with_flag(fn, name, value, module="triton_gemm"):
     return run
 
 
-def variants_for(scheme, dev):
+# Layers whose label names siblings reading one input, and how many share its quant (nodes/shared_quant.py):
+# Wan's self-attention q, k, v; its cross-attention k, v on the text context.
+SIBLINGS = {"q,k,v": 3, "k/v": 2}
+
+
+def sharing_one_quant(backend, layers):
+    """`layers` sibling linears reading one input: one activation quant, then their GEMMs, each with
+    a weight of its own (none finds another's in the L2 cache). Timed as a group; main() reports
+    the group's time divided by `layers`, per layer."""
+    b = get_backend(backend)
+    siblings = {}  # weight -> the other siblings' weights, made on the first (uncaptured) call
+
+    def run(x, qdata, scale, bias, scheme, k):
+        key = qdata.data_ptr()
+        if key not in siblings:
+            siblings[key] = [(qdata.clone(), scale) for _ in range(layers - 1)]
+        rows = QuantizedRows(*b.row_quantizer(x, scheme), x.dtype)
+        return [b.linear(rows, w, s, bias, scheme, k) for w, s in [(qdata, scale)] + siblings[key]][0]
+    run.layers = layers
+    return run
+
+
+def variants_for(scheme, dev, label):
     out = [(b, get_backend(b).linear) for b in BACKENDS if why_not(b, scheme, dev) is None]
+    layers = next((n for name, n in SIBLINGS.items() if name in label), 0)
+    if layers and scheme.name in ("fp8-w8a8", "int8-w8a8"):
+        out += [(f"{b}-{layers}-share-quant", sharing_one_quant(b, layers)) for b, _ in list(out)
+                if get_backend(b).row_quantizer is not None]
     if why_not("triton", scheme, dev) is None:
         if scheme.name == "fp8-w8a8":
             out.append(("triton-own-gemm", own_fp8_gemm))
@@ -174,9 +201,10 @@ def main():
                 qdata, scale = reference.quantize_weight(w.float(), scheme)
                 qs = [(qdata, scale)] + [(qdata.clone(), scale.clone()) for _ in range(copies - 1)]
                 auto = pick_backend(scheme, dev).name
-                for backend, fn in variants_for(scheme, dev):
+                for backend, fn in variants_for(scheme, dev, label):
                     y = fn(x, qdata, scale, bias, scheme, k)
-                    t = timer(lambda xi, qi, si: fn(xi, qi, si, bias, scheme, k), [(xi, *q) for xi, q in zip(xs, qs)])
+                    t = timer(lambda xi, qi, si: fn(xi, qi, si, bias, scheme, k),
+                              [(xi, *q) for xi, q in zip(xs, qs)]) / getattr(fn, "layers", 1)
                     row = dict(model=model, layer=label, m=m, k=k, n=n, scheme=scheme_name, backend=backend,
                                auto=backend == auto, ms=t, bf16_ms=t_bf16, speedup=t_bf16 / t, cos=cos(y, ref),
                                tflops=2 * m * k * n / t / 1e9, timing=a.timing)
@@ -184,7 +212,8 @@ def main():
                     print(f"  {scheme_name:16} {backend:22}{'*' if row['auto'] else ' '} {t:8.4f} ms "
                           f"{row['speedup']:5.2f}x  {row['tflops']:6.0f} TFLOP/s  cos {row['cos']:.5f}", flush=True)
                 del qs
-    print("\n* = the backend 'auto' picks. Speed-up = bf16 ms / quantized ms, activation quant included.")
+    print("\n* = the backend 'auto' picks. Speed-up = bf16 ms / quantized ms, activation quant included "
+          "(-N-share-quant: N sibling layers quantize their common input once; per layer).")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
