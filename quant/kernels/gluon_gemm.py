@@ -153,10 +153,9 @@ if _IMPORT_ERROR is None:
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
 
-        # Ceiling divisions spelled out: Triton 3.8's gl.cdiv fails to build on a scalar kernel argument.
-        tiles_m = (M + BLOCK_M - 1) // BLOCK_M
-        tiles_n = (N + BLOCK_N - 1) // BLOCK_N
-        k_steps = (K + BLOCK_K - 1) // BLOCK_K
+        tiles_m = gl.cdiv(M, BLOCK_M)
+        tiles_n = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
         tile = gl.program_id(0)
         off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
         _prefetch_tile(a_desc, b_desc, a_bufs, b_bufs, bars, 0, off_m, off_n, STAGES)
@@ -194,9 +193,9 @@ if _IMPORT_ERROR is None:
         a_desc, b_desc, y_desc, a_bufs, b_bufs, y_bufs, ready, empty, turn, as_ptr, bs_ptr, bias_ptr, M, N, K = args
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
-        tiles_m = (M + BLOCK_M - 1) // BLOCK_M
-        tiles_n = (N + BLOCK_N - 1) // BLOCK_N
-        k_steps = (K + BLOCK_K - 1) // BLOCK_K
+        tiles_m = gl.cdiv(M, BLOCK_M)
+        tiles_n = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
         step = 0
         for tile in range(gl.program_id(0), tiles_m * tiles_n, NUM_SMS):
             off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
@@ -215,9 +214,9 @@ if _IMPORT_ERROR is None:
         STAGES: gl.constexpr = a_bufs.type.shape[0]
         layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, 4)
         y_smem = y_bufs.index(CONSUMER)
-        tiles_m = (M + BLOCK_M - 1) // BLOCK_M
-        tiles_n = (N + BLOCK_N - 1) // BLOCK_N
-        k_steps = (K + BLOCK_K - 1) // BLOCK_K
+        tiles_m = gl.cdiv(M, BLOCK_M)
+        tiles_n = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
         mine = 0
         for tile in range(gl.program_id(0) + CONSUMER * NUM_SMS, tiles_m * tiles_n, 2 * NUM_SMS):
             off_m, off_n = _tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
