@@ -116,6 +116,12 @@ def remember(memo: dict, key, launcher: Launcher, args, kwargs, grid, *extra):
         memo[key] = (kernel, cfg, grid(cfg) + (1, 1), *extra)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (what persistent grids are sized by)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 # Programmatic dependent launch (Hopper and newer, a Triton with griddepcontrol): a kernel launched
 # with it starts while the kernel before it still runs, and waits for that kernel's results itself.
 GRID_DEPENDENCY_CONTROL = hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")

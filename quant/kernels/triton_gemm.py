@@ -255,11 +255,6 @@ def _persistent_configs():
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 _w8a8_tma_launch = Launcher(triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(
     _w8a8_tma_kernel))
 _w8a8_persistent_launch = Launcher(triton.autotune(configs=_persistent_configs(), key=["M_BUCKET", "N", "K", "IS_INT"])(
@@ -351,7 +346,7 @@ def _persistent(xq, wq, y, a_s, b_s, bias, is_int: bool):
         kernel[grid](*_descriptors(xq, wq, y, bm, bn, bn // 2 if split else bn), a_s, b_s, bias_ptr, m, n, k,
                      _m_bucket(m), bias is not None, is_int, sms, bm, bn, cfg["BLOCK_K"], cfg["GROUP_M"], split)
         return
-    sms = _sm_count(_index(a_s))
+    sms = launch.sm_count(_index(a_s))
     grid = lambda cfg: (min(sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)  # noqa: E731
     args = (*_descriptors(xq, wq, y, 128, 128, 128), a_s, b_s, bias_ptr, m, n, k, _m_bucket(m))  # blocks set per config
     meta = dict(NUM_SMS=sms, HAS_BIAS=bias is not None, IS_INT=is_int)
@@ -366,7 +361,7 @@ def _gluon_int8(xq, a_s, wq, b_s, bias, y) -> bool:
     if not USE_GLUON or gluon_failure is not None or interpreted():
         return False
     try:
-        gluon_gemm.int8_gemm(xq, a_s, wq, b_s, bias, y, _m_bucket(xq.shape[0]), _sm_count(_index(xq)))
+        gluon_gemm.int8_gemm(xq, a_s, wq, b_s, bias, y, _m_bucket(xq.shape[0]), launch.sm_count(_index(xq)))
         return True
     except Exception as e:  # Gluon is experimental: a Triton release may reject the kernel
         gluon_failure = f"{type(e).__name__}: {e}"
