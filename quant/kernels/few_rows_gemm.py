@@ -22,7 +22,7 @@ from . import interpreted
 from .launch import TENSOR_DESCRIPTOR, Launcher, dependent_launch_ok, sm_count
 
 FEW_ROWS = 16                     # tokens: the MMA's narrow side
-BLOCK_N, BLOCK_K, WARPS = 64, 128, 4  # best of 16/32/64/128 rows x 2/4/8 warps on the H100
+BLOCK_N, BLOCK_K, WARPS = 64, 128, 4  # best of 16/32/64/128 weight rows and 2/4 warps on the H100
 # K steps in flight: 4 where each SM runs two or more programs, whose loads overlap; 6 where the
 # weight has fewer than two 64-row slabs per SM (Flux's 3072x9216 single-block modulation, 144 slabs
 # on an H100's 132 SMs: 14.7 -> 13.9 us int8, 14.4 -> 13.6 us fp8; at 18432 rows 6 is no faster).
@@ -56,6 +56,11 @@ def _few_rows_kernel(w_desc, x_desc, y_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, s
 _launch = Launcher(_few_rows_kernel)
 
 
+def stages(n: int, sms: int) -> int:
+    """K steps in flight for a weight of n rows on a GPU of `sms` SMs (see STAGES)."""
+    return FEW_PROGRAMS_STAGES if triton.cdiv(n, BLOCK_N) < 2 * sms else STAGES
+
+
 def applies(m: int) -> bool:
     return USE_KERNEL and m <= FEW_ROWS
 
@@ -70,10 +75,8 @@ def gemm(xq: torch.Tensor, a_s: torch.Tensor, wq: torch.Tensor, b_s: torch.Tenso
     x_desc = TENSOR_DESCRIPTOR(xq, [m, k], [xq.stride(0), 1], [FEW_ROWS, BLOCK_K])
     dependent = dependent_launch_ok(xq)
     options = dict(launch_pdl=True) if dependent else {}
-    programs = triton.cdiv(n, BLOCK_N)
     if not interpreted():
-        few = programs < 2 * sm_count(xq.get_device())
-        options.update(num_warps=WARPS, num_stages=FEW_PROGRAMS_STAGES if few else STAGES)
-    _launch((programs,), w_desc, x_desc, y, a_s, b_s, y if bias is None else bias, m, n, k,
+        options.update(num_warps=WARPS, num_stages=stages(n, sm_count(xq.get_device())))
+    _launch((triton.cdiv(n, BLOCK_N),), w_desc, x_desc, y, a_s, b_s, y if bias is None else bias, m, n, k,
             y.stride(0), HAS_BIAS=bias is not None, IS_INT=xq.dtype == torch.int8, WAIT_FOR_PRODUCER=dependent,
             BLOCK_N=BLOCK_N, BLOCK_T=FEW_ROWS, BLOCK_K=BLOCK_K, **options)

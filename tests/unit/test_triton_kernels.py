@@ -124,6 +124,14 @@ def test_few_rows_kernel_equals_reference(monkeypatch, scheme_name, m, k, n, bia
     assert calls == [(m, k)]
 
 
+def test_few_rows_kernel_pipelines_deeper_where_each_sm_gets_one_slab():
+    # Flux's single-block modulation (9216 rows: 144 slabs of 64 on an H100's 132 SMs) takes 6 K steps
+    # in flight; its double-block one (18432 rows) and Wan's time projection (30720) keep 4.
+    assert few_rows_gemm.stages(9216, 132) == few_rows_gemm.FEW_PROGRAMS_STAGES == 6
+    assert few_rows_gemm.stages(18432, 132) == few_rows_gemm.stages(30720, 132) == few_rows_gemm.STAGES == 4
+    assert few_rows_gemm.stages(64 * 263, 132) == 6 and few_rows_gemm.stages(64 * 264, 132) == 4
+
+
 def test_few_rows_kernel_takes_up_to_16_tokens(monkeypatch):
     assert few_rows_gemm.applies(1) and few_rows_gemm.applies(16) and not few_rows_gemm.applies(17)
     monkeypatch.setattr(few_rows_gemm, "USE_KERNEL", False)  # QUANTDIT_FEW_ROWS_KERNEL=0
