@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from quant import reference  # noqa: E402
 from quant.backends import get_backend, list_backends, pick_backend, why_not  # noqa: E402
+from quant.deferred import consumes_deferred  # noqa: E402
 from quant.schemes import get_scheme  # noqa: E402
 from quant.shared_quant import QuantizedRows  # noqa: E402
 
@@ -129,7 +130,7 @@ def with_flag(fn, name, value, module="triton_gemm"):
 
 # Layers whose label names siblings reading one input, and how many share its quant (nodes/shared_quant.py):
 # Wan's self-attention q, k, v; its cross-attention k, v on the text context.
-SIBLINGS = {"q,k,v": 3, "k/v": 2}
+SHARED_INPUT_LAYERS = {"q,k,v": 3, "k/v": 2}
 
 
 def sharing_one_quant(backend, layers):
@@ -151,8 +152,8 @@ def sharing_one_quant(backend, layers):
 
 def variants_for(scheme, dev, label):
     out = [(b, get_backend(b).linear) for b in BACKENDS if why_not(b, scheme, dev) is None]
-    layers = next((n for name, n in SIBLINGS.items() if name in label), 0)
-    if layers and scheme.name in ("fp8-w8a8", "int8-w8a8"):
+    layers = next((n for name, n in SHARED_INPUT_LAYERS.items() if name in label), 0)
+    if layers and consumes_deferred(scheme):  # the per-token W8A8 schemes, the ones nodes/shared_quant.py shares
         out += [(f"{b}-{layers}-share-quant", sharing_one_quant(b, layers)) for b, _ in list(out)
                 if get_backend(b).row_quantizer is not None]
     if why_not("triton", scheme, dev) is None:
