@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .launch import TENSOR_DESCRIPTOR, Launcher, dependent_launch_ok, sm_count
+from .launch import Launcher, dependent_launch_ok, descriptor, sm_count, tma_descriptor
 
 FEW_ROWS = 16                     # tokens: the MMA's narrow side
 BLOCK_N, BLOCK_K, WARPS = 64, 128, 4  # best of 16/32/64/128 weight rows and 2/4 warps on the H100
@@ -71,12 +71,16 @@ def gemm(xq: torch.Tensor, a_s: torch.Tensor, wq: torch.Tensor, b_s: torch.Tenso
     triton_gemm.hopper_ready accepts them; a_s [M], b_s [N] contiguous fp32; bias None or contiguous."""
     m, k = xq.shape
     n = wq.shape[0]
-    w_desc = TENSOR_DESCRIPTOR(wq, [n, k], [wq.stride(0), 1], [BLOCK_N, BLOCK_K])
-    x_desc = TENSOR_DESCRIPTOR(xq, [m, k], [xq.stride(0), 1], [FEW_ROWS, BLOCK_K])
     dependent = dependent_launch_ok(xq)
+    # Everything the launch is specialized on: xq, wq, a_s are fresh or checked (hopper_ready), and
+    # the descriptors' blocks are fixed; the launch options follow from n and the device.
+    key = (m, n, k, xq.get_device(), xq.dtype, xq.stride(0), wq.stride(0), y.dtype, y.stride(0),
+           a_s.data_ptr() % 16 == 0, b_s.data_ptr() % 16 == 0, None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0), dependent)
     options = dict(launch_pdl=True) if dependent else {}
     if not interpreted():
         options.update(num_warps=WARPS, num_stages=stages(n, sm_count(xq.get_device())))
-    _launch((triton.cdiv(n, BLOCK_N),), w_desc, x_desc, y, a_s, b_s, y if bias is None else bias, m, n, k,
-            y.stride(0), HAS_BIAS=bias is not None, IS_INT=xq.dtype == torch.int8, WAIT_FOR_PRODUCER=dependent,
-            BLOCK_N=BLOCK_N, BLOCK_T=FEW_ROWS, BLOCK_K=BLOCK_K, **options)
+    _launch.launch_keyed(key, (triton.cdiv(n, BLOCK_N),), descriptor(tma_descriptor, wq, (BLOCK_N, BLOCK_K)),
+                         descriptor(tma_descriptor, xq, (FEW_ROWS, BLOCK_K)), y, a_s, b_s,
+                         y if bias is None else bias, m, n, k, y.stride(0), HAS_BIAS=bias is not None,
+                         IS_INT=xq.dtype == torch.int8, WAIT_FOR_PRODUCER=dependent, BLOCK_N=BLOCK_N,
+                         BLOCK_T=FEW_ROWS, BLOCK_K=BLOCK_K, **options)

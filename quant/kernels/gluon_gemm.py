@@ -352,9 +352,10 @@ def int8_gemm(xq, a_s, wq, b_s, bias, y, m_bucket: int, sms: int):
         kernel, cfg, grid = hit
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         m, n, k = key[:3]
-        kernel[grid](_descriptor(xq, (bm, BLOCK_K)), _descriptor(wq, (bn, BLOCK_K)), _descriptor(y, (bm, bn)),
-                     a_s, b_s, y if bias is None else bias, m, n, k, m_bucket, bias is not None, sms, GROUP_M,
-                     bm, bn, cfg["STAGES"], cfg["PINGPONG"], cfg["num_warps"])
+        launch.run_compiled(kernel, grid, (
+            launch.descriptor(_descriptor, xq, (bm, BLOCK_K)), launch.descriptor(_descriptor, wq, (bn, BLOCK_K)),
+            launch.descriptor(_descriptor, y, (bm, bn)), a_s, b_s, y if bias is None else bias, m, n, k, m_bucket,
+            bias is not None, sms, GROUP_M, bm, bn, cfg["STAGES"], cfg["PINGPONG"], cfg["num_warps"]))
         return y
     args, meta = _arguments(xq, a_s, wq, b_s, bias, y, m_bucket, sms)
     launcher = _launcher(USE_PINGPONG)

@@ -18,7 +18,13 @@ import os
 
 import torch
 import triton.language as tl
+from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
+
+try:
+    from triton import knobs  # Triton >= 3.4: where the launch hooks (profilers) are set
+except ImportError:
+    knobs = None
 
 from . import interpreted
 
@@ -42,6 +48,11 @@ def _descriptor_types():
 
 # Triton's host-side TMA descriptor class (None before 3.4), and every descriptor class a launch may take
 TENSOR_DESCRIPTOR, _DESCRIPTORS = _descriptor_types()
+
+
+def tma_descriptor(t: torch.Tensor, block: tuple):
+    """Triton's host TMA descriptor over a row-major 2-D tensor, whole, tiled in `block`."""
+    return TENSOR_DESCRIPTOR(t, list(t.shape), [t.stride(0), 1], list(block))
 
 
 def call_key(values) -> tuple:
@@ -68,6 +79,7 @@ class Launcher:
         self.fn = kernel.fn if self.tuned is not None else kernel
         self.names = list(self.fn.arg_names)
         self.cache: dict[tuple, tuple] = {}
+        self.by_key: dict = {}   # launch_keyed's caller keys -> (compiled kernel, trailing arguments)
 
     def __call__(self, grid, *args, **kwargs):
         direct = DIRECT and not interpreted()
@@ -87,6 +99,24 @@ class Launcher:
             pre_hook(named)
         g = grid(named) if callable(grid) else grid
         kernel[(g + (1, 1))[:3]](*[named[n] for n in self.names])  # the compiled kernel takes x, y, z
+
+    def launch_keyed(self, key, grid: tuple, *args, **kwargs):
+        """`self(grid, *args, **kwargs)` for a caller whose own cheap `key` fixes every keyword
+        argument and everything Triton specializes the positional ones on (values of integers,
+        dtypes and 16-byte alignment of tensors). A repeated key launches the compiled kernel
+        straight away, with no per-call dictionaries. For kernels without config pre-hooks;
+        `grid` is a tuple, and the positional arguments lead the kernel's signature."""
+        hit = self.by_key.get(key) if DIRECT else None
+        if hit is not None:
+            kernel, tail = hit
+            run_compiled(kernel, (grid + (1, 1))[:3], args + tail)
+            return
+        self(grid, *args, **kwargs)
+        chosen = self.chosen(args, kwargs)
+        if chosen is not None:
+            kernel, config = chosen
+            named = dict(zip(self.names, args), **kwargs, **config)
+            self.by_key[key] = (kernel, tuple(named[n] for n in self.names[len(args):]))
 
     def chosen(self, args, kwargs):
         """(compiled kernel, config kwargs) that a launch with these arguments was cached under,
@@ -114,6 +144,48 @@ def remember(memo: dict, key, launcher: Launcher, args, kwargs, grid, *extra):
     if chosen is not None:
         kernel, cfg = chosen
         memo[key] = (kernel, cfg, grid(cfg) + (1, 1), *extra)
+
+
+def run_compiled(kernel, grid: tuple, args) -> None:
+    """`kernel[grid](*args)` for a compiled kernel that has launched before (grid: 3 ints), on the
+    current stream as Triton launches, without Triton's per-call closure. With a launch hook set
+    (a profiler) the launch goes through Triton, which builds the metadata the hook reads."""
+    if knobs is None or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+        kernel[grid](*args)
+        return
+    active = driver.active
+    kernel.run(grid[0], grid[1], grid[2], active.get_current_stream(active.get_current_device()), kernel.function,
+               kernel.packed_metadata, None, None, None, *args)
+
+
+def _hooked(hook) -> bool:
+    # A launch hook is a function or None up to Triton 3.5, and from 3.6 a chain of them (never None)
+    return hook is not None and getattr(hook, "calls", True) != []
+
+
+@functools.lru_cache(maxsize=None)
+def _descriptor_template(make, dtype: torch.dtype, block: tuple):
+    # Built (and checked by its constructor) once over a small CPU tensor that is never launched:
+    # only its class and its fields other than the tensor's are copied.
+    return make(torch.empty(block, dtype=dtype), block)
+
+
+def descriptor(make, t: torch.Tensor, block: tuple):
+    """`make(t, block)` (a host TMA descriptor of the 2-D tensor t, its whole shape, `block` tiles)
+    copied from a template instead of constructed: the constructor's checks cost microseconds on
+    every call. For callers that checked t themselves: 16-byte aligned base and row pitch, rows
+    contiguous, no empty dimension."""
+    template = _descriptor_template(make, t.dtype, block)
+    out = object.__new__(type(template))
+    out.__dict__.update(template.__dict__)
+    out.base, out.shape, out.strides, out.block_shape = t, list(t.shape), [t.stride(0), 1], list(block)
+    return out
+
+
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 (n >= 1) in one step: Triton 3.6 made its own a constexpr function,
+    whose argument unwrapping costs microseconds on every launch."""
+    return 1 << (n - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)

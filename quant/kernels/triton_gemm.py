@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import few_rows_gemm, gluon_gemm, interpreted, launch
-from .launch import TENSOR_DESCRIPTOR, Launcher
+from .launch import TENSOR_DESCRIPTOR, Launcher, tma_descriptor
 
 log = logging.getLogger("quantdit")
 
@@ -266,7 +266,7 @@ _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 4}
 
 def _m_bucket(m: int) -> int:
     # Autotune once per power-of-two token count, not for every prompt length.
-    return min(triton.next_power_of_2(max(m, 16)), 1 << 16)
+    return min(launch.next_power_of_2(max(m, 16)), 1 << 16)
 
 
 def _prepare(xq, wq, out_dtype):
@@ -303,14 +303,11 @@ def _launch(launcher, plain, m, n, *args, **meta):
 
 
 def _operand_descriptors(xq, wq, block_m: int, block_n: int):
-    desc = TENSOR_DESCRIPTOR
-    return (desc(xq, list(xq.shape), [xq.stride(0), 1], [block_m, 128]),
-            desc(wq, list(wq.shape), [wq.stride(0), 1], [block_n, 128]))
+    return tma_descriptor(xq, (block_m, 128)), tma_descriptor(wq, (block_n, 128))
 
 
 def _descriptors(xq, wq, y, block_m: int, block_n: int, y_block_n: int):
-    return (*_operand_descriptors(xq, wq, block_m, block_n),
-            TENSOR_DESCRIPTOR(y, list(y.shape), [y.stride(0), 1], [block_m, y_block_n]))
+    return (*_operand_descriptors(xq, wq, block_m, block_n), tma_descriptor(y, (block_m, y_block_n)))
 
 
 # (shapes, strides, dtypes, alignments, device) -> (compiled kernel, its config, grid): what the Launcher
@@ -343,8 +340,11 @@ def _persistent(xq, wq, y, a_s, b_s, bias, is_int: bool):
     if hit is not None:
         kernel, cfg, grid, sms = hit
         bm, bn, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_EPILOGUE"]
-        kernel[grid](*_descriptors(xq, wq, y, bm, bn, bn // 2 if split else bn), a_s, b_s, bias_ptr, m, n, k,
-                     _m_bucket(m), bias is not None, is_int, sms, bm, bn, cfg["BLOCK_K"], cfg["GROUP_M"], split)
+        bk = cfg["BLOCK_K"]
+        launch.run_compiled(kernel, grid, (
+            launch.descriptor(tma_descriptor, xq, (bm, bk)), launch.descriptor(tma_descriptor, wq, (bn, bk)),
+            launch.descriptor(tma_descriptor, y, (bm, bn // 2 if split else bn)), a_s, b_s, bias_ptr, m, n, k,
+            _m_bucket(m), bias is not None, is_int, sms, bm, bn, bk, cfg["GROUP_M"], split))
         return
     sms = launch.sm_count(_index(a_s))
     grid = lambda cfg: (min(sms, triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])),)  # noqa: E731

@@ -19,7 +19,7 @@ from triton.language.extra import libdevice
 
 from .. import reference
 from . import interpreted
-from .launch import Launcher, dependent_launch_ok
+from .launch import Launcher, dependent_launch_ok, next_power_of_2
 
 _ONE_PASS_MAX = 16384
 _GROUP = reference.GROUP
@@ -214,11 +214,14 @@ def per_token_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
         return q, s
     is_int = dtype == torch.int8
     one_pass = k <= _ONE_PASS_MAX
-    block = triton.next_power_of_2(k) if one_pass else 4096
+    block = next_power_of_2(k) if one_pass else 4096
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    _per_token_launch((m,), x, q, s, k, x.stride(0), q.stride(0), QMAX=qmax, IS_INT=is_int, BLOCK=block,
-                      ONE_PASS=one_pass, HW_ROUND=not interpreted(), LAUNCH_DEPENDENTS=dependent_launch_ok(x),
-                      num_warps=warps)
+    stride = x.stride(0)
+    # q, s are fresh (aligned); the rest of the launch follows from the key
+    key = (x.dtype, dtype, k, stride, x.data_ptr() % 16 == 0, x.get_device())
+    _per_token_launch.launch_keyed(key, (m,), x, q, s, k, stride, k, QMAX=qmax, IS_INT=is_int,
+                                   BLOCK=block, ONE_PASS=one_pass, HW_ROUND=not interpreted(),
+                                   LAUNCH_DEPENDENTS=dependent_launch_ok(x), num_warps=warps)
     return q, s
 
 
@@ -239,10 +242,12 @@ def per_token_quant_gelu(prefix: torch.Tensor | None, x: torch.Tensor,
         return q, s
     is_int = dtype == torch.int8
     # 2048-wide steps, 8 warps: the fastest on an H100 at Flux's and Wan's widths (measured)
-    _prefix_gelu_launch((m,), x if prefix is None else prefix, x, q, s, p, g,
-                        0 if prefix is None else prefix.stride(0), x.stride(0), q.stride(0), QMAX=qmax,
-                        IS_INT=is_int, BLOCK=2048, GELU_MIN_BOUND=_GELU_MIN_BOUND, HW_ROUND=not interpreted(),
-                        num_warps=8)
+    first = x if prefix is None else prefix
+    key = (x.dtype, dtype, prefix is None, p, g, first.stride(0), x.stride(0), first.data_ptr() % 16 == 0, x.data_ptr() % 16 == 0,
+           x.get_device())
+    _prefix_gelu_launch.launch_keyed(key, (m,), first, x, q, s, p, g, 0 if prefix is None else prefix.stride(0),
+                                     x.stride(0), q.stride(0), QMAX=qmax, IS_INT=is_int, BLOCK=2048,
+                                     GELU_MIN_BOUND=_GELU_MIN_BOUND, HW_ROUND=not interpreted(), num_warps=8)
     return q, s
 
 
@@ -254,7 +259,7 @@ def per_group_fp8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((m, k), dtype=reference.FP8_DTYPE, device=x.device)
     s_t = torch.empty((groups, m), dtype=torch.float32, device=x.device)
     if m:
-        per_prog = min(8, triton.next_power_of_2(groups))
+        per_prog = min(8, next_power_of_2(groups))
         _per_group_launch((m, triton.cdiv(groups, per_prog)), x, q, s_t, m, k, x.stride(0), q.stride(0),
                           QMAX=reference.FP8_MAX, GROUP=_GROUP, GROUPS_PER_PROG=per_prog,
                           HW_ROUND=not interpreted(), num_warps=4)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
-from .launch import Launcher
+from .launch import Launcher, next_power_of_2
 from .triton_gemm import _load_k_step, _m_bucket, bias_arg, f32_vector
 
 
@@ -137,7 +137,7 @@ def weight_only_gemm(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     bias_ptr = bias_arg(bias, y)
     if m <= GEMV_MAX_ROWS:
         args = (x, wq, y, scale, bias_ptr, m, n, k, x.stride(0), wq.stride(0), y.stride(0))
-        meta = dict(HAS_BIAS=bias is not None, PER_TENSOR=per_tensor, ROWS=triton.next_power_of_2(m))
+        meta = dict(HAS_BIAS=bias is not None, PER_TENSOR=per_tensor, ROWS=next_power_of_2(m))
         if interpreted():
             _gemv_kernel[(triton.cdiv(n, 16),)](*args, **meta, BLOCK_N=16, BLOCK_K=128)
         else:

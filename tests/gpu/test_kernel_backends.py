@@ -322,6 +322,40 @@ def test_direct_launch_equals_triton_launch(monkeypatch, scheme_name):
         assert gluon_gemm._launcher(gluon_gemm.USE_PINGPONG).cache, "the Gluon kernel's launches skipped the compiled-kernel cache"
     else:
         assert triton_gemm._w8a8_persistent_launch.cache, "no launch went through the compiled-kernel cache"
+    assert triton_quant._per_token_launch.by_key, "the quant kernel's launches skipped the keyed cache"
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert few_rows_gemm._launch.by_key, "the one-row GEMM's launches skipped the keyed cache"
+
+
+@pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
+def test_cached_launches_still_reach_tritons_launch_hooks(scheme_name):
+    """A profiler's launch hook (Triton's knobs) sees the quant and the GEMM of a linear whose
+    launches are cached, as it sees Triton's own launches."""
+    from triton import knobs
+    scheme = get_scheme(scheme_name)
+    k, n = 3072, 3072
+    wq, ws = reference.quantize_weight(torch.randn(n, k, device=DEV) / k ** 0.5, scheme)
+    backend = get_backend("triton")
+    for m in (1, 1024):
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        unhooked = backend.linear(x, wq, ws, None, scheme, k)  # fills the caches
+        seen = []
+
+        def hook(metadata):
+            seen.append(metadata.get()["name"])
+        if hasattr(knobs.runtime.launch_enter_hook, "add"):
+            knobs.runtime.launch_enter_hook.add(hook)
+        else:
+            knobs.runtime.launch_enter_hook = hook
+        try:
+            hooked = backend.linear(x, wq, ws, None, scheme, k)
+        finally:
+            if hasattr(knobs.runtime.launch_enter_hook, "remove"):
+                knobs.runtime.launch_enter_hook.remove(hook)
+            else:
+                knobs.runtime.launch_enter_hook = None
+        assert torch.equal(hooked, unhooked)
+        assert len(seen) == 2 and "per_token" in seen[0], (m, seen)
 
 
 def _close_to_reference(y, ref):

@@ -56,3 +56,50 @@ def test_interpreter_launches_are_never_cached():
     q2, s2 = triton_quant.per_token_quant(x, torch.int8)
     assert torch.equal(q1, q2) and torch.equal(s1, s2)
     assert triton_quant._per_token_launch.cache == {}
+    assert triton_quant._per_token_launch.by_key == {}
+
+
+def test_next_power_of_2_is_tritons():
+    import triton
+    for n in list(range(1, 4200)) + [65535, 65536, 65537, 3 << 20]:
+        assert launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+
+
+def _fields(d):
+    return {k: v for k, v in vars(d).items() if k != "base"}
+
+
+def test_descriptor_copies_a_checked_template_onto_the_tensor():
+    """launch.descriptor skips the constructor's checks on every call; what it returns must be
+    what the constructor gives for the same tensor and block, for both descriptor classes."""
+    for make in (launch.tma_descriptor, gluon_gemm._descriptor):
+        for t, block in ((torch.zeros(300, 640, dtype=torch.int8), (128, 128)),
+                         (torch.zeros(7, 3072, dtype=torch.bfloat16)[:, :2048], (64, 128))):
+            built, copied = make(t, block), launch.descriptor(make, t, block)
+            assert type(copied) is type(built)
+            assert copied.base is t
+            assert _fields(copied) == _fields(built), make
+            assert launch.call_key([copied]) == launch.call_key([built])
+        # the template is shared, its lists are not: a config pre-hook may set a copy's block shape
+        a = launch.descriptor(make, torch.zeros(256, 256, dtype=torch.int8), (128, 128))
+        b = launch.descriptor(make, torch.zeros(512, 256, dtype=torch.int8), (128, 128))
+        a.shape[0] = 1
+        a.block_shape[0] = 64
+        assert b.shape == [512, 256] and b.block_shape == [128, 128]
+
+
+def test_launch_hooks_are_seen_as_set_only_when_something_listens():
+    from triton import knobs
+    chain = knobs.runtime.launch_enter_hook
+    assert not launch._hooked(None)
+    assert launch._hooked(lambda *args: None)  # Triton <= 3.5 keeps a plain function
+    if hasattr(chain, "calls"):  # Triton >= 3.6: a chain of hooks, never None
+        assert not launch._hooked(chain)
+
+        def hook(*args):
+            pass
+        chain.add(hook)
+        try:
+            assert launch._hooked(chain)
+        finally:
+            chain.remove(hook)
