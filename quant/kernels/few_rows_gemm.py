@@ -75,7 +75,8 @@ def gemm(xq: torch.Tensor, a_s: torch.Tensor, wq: torch.Tensor, b_s: torch.Tenso
     # Everything the launch is specialized on: xq, wq, a_s are fresh or checked (hopper_ready), and
     # the descriptors' blocks are fixed; the launch options follow from n and the device.
     key = (m, n, k, xq.get_device(), xq.dtype, xq.stride(0), wq.stride(0), y.dtype, y.stride(0),
-           a_s.data_ptr() % 16 == 0, b_s.data_ptr() % 16 == 0, None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0), dependent)
+           a_s.data_ptr() % 16 == 0, b_s.data_ptr() % 16 == 0,
+           None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0), dependent)
     options = dict(launch_pdl=True) if dependent else {}
     if not interpreted():
         options.update(num_warps=WARPS, num_stages=stages(n, sm_count(xq.get_device())))

@@ -9,7 +9,9 @@ waits on Python while the GPU idles (measured in bench/bench_step.py --profile).
 Triton chose: the compiled kernel and, for an autotuned kernel, the config. Later calls with the
 same key go straight to the compiled kernel. The key holds every integer argument by value and
 every tensor by dtype and 16-byte alignment, a superset of what Triton specializes on, so a
-cached kernel is only reused where Triton would have picked that same kernel.
+cached kernel is only reused where Triton would have picked that same kernel. Callers on the
+hottest paths (`launch_keyed`, and the memos below) key a launch themselves with the few values
+that decide it, which costs less than the generic key.
 """
 from __future__ import annotations
 

@@ -243,8 +243,8 @@ def per_token_quant_gelu(prefix: torch.Tensor | None, x: torch.Tensor,
     is_int = dtype == torch.int8
     # 2048-wide steps, 8 warps: the fastest on an H100 at Flux's and Wan's widths (measured)
     first = x if prefix is None else prefix
-    key = (x.dtype, dtype, prefix is None, p, g, first.stride(0), x.stride(0), first.data_ptr() % 16 == 0, x.data_ptr() % 16 == 0,
-           x.get_device())
+    key = (x.dtype, dtype, prefix is None, p, g, first.stride(0), x.stride(0), first.data_ptr() % 16 == 0,
+           x.data_ptr() % 16 == 0, x.get_device())
     _prefix_gelu_launch.launch_keyed(key, (m,), first, x, q, s, p, g, 0 if prefix is None else prefix.stride(0),
                                      x.stride(0), q.stride(0), QMAX=qmax, IS_INT=is_int, BLOCK=2048,
                                      GELU_MIN_BOUND=_GELU_MIN_BOUND, HW_ROUND=not interpreted(), num_warps=8)
