@@ -3,8 +3,8 @@
 A DiT step at a small resolution (Flux at 512x512) launches its hundreds of linears faster than
 Python can issue them, so the GPU waits on the host. This times the eager Python side of one
 `run_linear` call (the activation quant + the GEMM launch), the GPU running behind: calls are
-issued in loops of `--calls`, the clock stopping before the GPU is waited for, and the least time
-of `--repeats` loops counts. A bf16
+issued in loops of `--calls`, the clock stopping before the GPU is waited for; the contenders take
+turns for `--repeats` rounds and each one's least time counts. A bf16
 `F.linear` on the same shape is the baseline.
 
     python bench/bench_host.py [--tokens 1 1024] [--schemes int8-w8a8 fp8-w8a8] [--profile 20]
@@ -34,20 +34,23 @@ SHAPES = {1: ("flux single mod", 3072, 9216), 16: ("16 rows", 3072, 9216)}
 DEFAULT_SHAPE = ("flux img qkv", 3072, 9216)
 
 
-def host_us(fn, calls: int, repeats: int) -> float:
-    """The least host time per call over `repeats` loops of `calls` (noise on a shared host only
-    adds time); each loop starts on an idle GPU and stays well inside CUDA's launch queue."""
-    for _ in range(20):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
+def host_us(contenders: dict, calls: int, repeats: int) -> dict:
+    """The least host time per call of each contender over `repeats` rounds, one loop of `calls`
+    each per round, taken in turn so that a busy spell of a shared host falls on all of them (noise
+    only adds time). Each loop starts on an idle GPU and stays well inside CUDA's launch queue."""
+    best = dict.fromkeys(contenders, float("inf"))
+    for fn in contenders.values():
+        for _ in range(20):
             fn()
-        best = min(best, time.perf_counter() - start)
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     torch.cuda.synchronize()
-    return 1e6 * best / calls
+    return {name: 1e6 * t / calls for name, t in best.items()}
 
 
 def main():
@@ -60,15 +63,15 @@ def main():
     p.add_argument("--profile", type=int, default=0, metavar="N")
     a = p.parse_args()
     dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}; host µs per call, least of {a.repeats} eager loops of {a.calls}")
+    print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}; host µs per call, least of {a.repeats} "
+          f"rounds of {a.calls}-call eager loops")
     print(f"{'layer':18} {'tokens':>6} {'scheme':10} {'backend':8} {'host µs':>8} {'x bf16':>7}")
     for m in a.tokens:
         label, k, n = SHAPES.get(m, DEFAULT_SHAPE)
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         w = (torch.randn(n, k, device=dev) / k ** 0.5)
         w16 = w.to(torch.bfloat16)
-        bf16 = host_us(lambda: torch.nn.functional.linear(x, w16), a.calls, a.repeats)
-        print(f"{label:18} {m:6} {'bf16':10} {'torch':8} {bf16:8.1f} {1.0:6.2f}x")
+        contenders = {("bf16", "torch"): lambda: torch.nn.functional.linear(x, w16)}
         for scheme_name in a.schemes:
             scheme = get_scheme(scheme_name)
             q, s = reference.quantize_weight(w, scheme)
@@ -78,17 +81,22 @@ def main():
                 if why:
                     print(f"{label:18} {m:6} {scheme_name:10} {name:8} unavailable: {why}")
                     continue
-                call = lambda: run_linear(x, q, s, None, scheme, k, backend)  # noqa: E731
-                us = host_us(call, a.calls, a.repeats)
-                print(f"{label:18} {m:6} {scheme_name:10} {name:8} {us:8.1f} {us / bf16:6.2f}x", flush=True)
-                if a.profile and name == "triton":
-                    prof = cProfile.Profile()
-                    prof.enable()
-                    for _ in range(a.calls):
-                        call()
-                    prof.disable()
-                    torch.cuda.synchronize()
-                    pstats.Stats(prof).sort_stats("tottime").print_stats(a.profile)
+                contenders[(scheme_name, name)] = (
+                    lambda q=q, s=s, scheme=scheme, backend=backend: run_linear(x, q, s, None, scheme, k, backend))
+        times = host_us(contenders, a.calls, a.repeats)
+        bf16 = times[("bf16", "torch")]
+        for (scheme_name, name), us in times.items():
+            print(f"{label:18} {m:6} {scheme_name:10} {name:8} {us:8.1f} {us / bf16:6.2f}x", flush=True)
+        for (scheme_name, name), call in contenders.items():
+            if a.profile and name == "triton":
+                print(f"cProfile, {scheme_name} triton, {m} tokens")
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(a.calls):
+                    call()
+                prof.disable()
+                torch.cuda.synchronize()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(a.profile)
 
 
 if __name__ == "__main__":
