@@ -100,7 +100,7 @@ class Launcher:
         if pre_hook is not None:
             pre_hook(named)
         g = grid(named) if callable(grid) else grid
-        kernel[(g + (1, 1))[:3]](*[named[n] for n in self.names])  # the compiled kernel takes x, y, z
+        run_compiled(kernel, (g + (1, 1))[:3], [named[n] for n in self.names])  # the compiled kernel takes x, y, z
 
     def launch_keyed(self, key, grid: tuple, *args, **kwargs):
         """`self(grid, *args, **kwargs)` for a caller whose own cheap `key` fixes every keyword
