@@ -13,6 +13,11 @@ Timing (`--timing`):
   measures the launch overhead of Python as much as the kernels.
 
     python bench/bench_gemm.py [--models wan14b flux few-rows] [--schemes fp8-w8a8 ...] [--timing graph|eager]
+                               [--tokens 1024 2048 ...] [--variants triton vllm ...]
+
+`--tokens` runs the chosen models' layers at these token counts instead of their own (to find where
+one provider overtakes another, see `auto`'s routing in quant/backends/registry.py); `--variants`
+keeps only the named rows (backends, or variants such as triton-no-pingpong).
 
 Needs a CUDA GPU. vLLM's kernels are used when QUANTDIT_VLLM_LIB points to its library.
 """
@@ -28,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from quant import reference  # noqa: E402
-from quant.backends import get_backend, list_backends, pick_backend, why_not  # noqa: E402
+from quant.backends import get_backend, list_backends, pick_kernels, why_not  # noqa: E402
 from quant.deferred import consumes_deferred  # noqa: E402
 from quant.schemes import get_scheme  # noqa: E402
 from quant.shared_quant import QuantizedRows  # noqa: E402
@@ -174,6 +179,9 @@ def main():
     p.add_argument("--schemes", nargs="*", default=SCHEMES)
     p.add_argument("--timing", choices=("graph", "eager"), default="graph")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    p.add_argument("--tokens", nargs="*", type=int, default=None,
+                   help="run every chosen layer at these token counts instead of its own")
+    p.add_argument("--variants", nargs="*", default=None, help="only these backends / variants")
     a = p.parse_args()
     dev = torch.device("cuda")
     timer = graph_ms if a.timing == "graph" else eager_ms
@@ -182,7 +190,9 @@ def main():
         print(f"  backend {name:14} {'available' if why is None else 'unavailable: ' + why}")
     rows = []
     for model in a.models:
-        for label, m, k, n in SHAPES[model]:
+        shapes = SHAPES[model] if a.tokens is None else [
+            (f"{label} @{m}", m, k, n) for label, _, k, n in SHAPES[model] for m in a.tokens]
+        for label, m, k, n in shapes:
             torch.manual_seed(0)
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
@@ -201,8 +211,10 @@ def main():
                 scheme = get_scheme(scheme_name)
                 qdata, scale = reference.quantize_weight(w.float(), scheme)
                 qs = [(qdata, scale)] + [(qdata.clone(), scale.clone()) for _ in range(copies - 1)]
-                auto = pick_backend(scheme, dev).name
+                auto = pick_kernels(scheme, dev).for_rows(m).name
                 for backend, fn in variants_for(scheme, dev, label):
+                    if a.variants is not None and backend not in a.variants:
+                        continue
                     y = fn(x, qdata, scale, bias, scheme, k)
                     t = timer(lambda xi, qi, si: fn(xi, qi, si, bias, scheme, k),
                               [(xi, *q) for xi, q in zip(xs, qs)]) / getattr(fn, "layers", 1)

@@ -5,12 +5,17 @@ own `fp8_e4m3fn_fast` weight dtype, and this pack's schemes, side by side in one
     python bench/bench_step.py --model flux       # Flux architecture, 1024x1024 (4096 + 512 tokens)
     python bench/bench_step.py --model wan1.3b --variants fp8-w8a8:auto int8-w8a8:triton
     python bench/bench_step.py --model flux --profile 12   # + where each variant's GPU time goes
+    python bench/bench_step.py --model flux --variants int8-w8a8:auto --alternate vllm triton
 
 Variants are SCHEME:BACKEND (the Quantize Model node's two widgets), optionally followed by
 `:weight-only-few-rows`, `:no-gelu-handoff` (the node's GELU hand-off patches removed) and/or
 `:no-shared-quant` (q, k and v each quantize their common input, as before nodes/shared_quant.py).
 Prints the step time, the ratio to bf16 and to ComfyUI fp8_e4m3fn_fast, DiT block linear-weight
 memory vs bf16, and the cosine similarity of the denoiser output to bf16. Needs CUDA and ComfyUI (QUANTDIT_COMFYUI, default .comfyui).
+
+`--alternate B1 B2 ...` also runs each variant's quantized model (the same weights) under each of
+these backends, switching backend at every step, so a slow spell of the host falls on all of them
+alike: the variants themselves run one after another, and their wall times move with the host.
 """
 from __future__ import annotations
 
@@ -100,6 +105,43 @@ def step_time(model, inputs, reps):
     return times[len(times) // 2], out.float()
 
 
+def quant_linears(model):
+    """The model's quantized linears, as ComfyUI runs them (its object patches applied by the load)."""
+    return [m for m in model.model.diffusion_model.modules() if getattr(m, "quant_scheme", None) is not None]
+
+
+def use_backend(model, backend):
+    """Every quantized linear of the loaded model runs `backend`'s kernels from now on. Each keeps
+    its choice per backend, so taking turns does not add the choice's host time to every step."""
+    for m in quant_linears(model):
+        m.quant_backend_pref = backend
+        m._kernels = m.__dict__.setdefault("_kernels_per_backend", {}).setdefault(backend, {})
+
+
+def alternating_step_times(model, inputs, reps, backends):
+    """backend -> (median seconds of one denoiser call, GPU kernel ms), the backends taking turns
+    at every step on the same loaded model."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([model], force_full_load=True)
+    denoise = denoiser_call(model, inputs)
+    times = {b: [] for b in backends}
+    with torch.inference_mode():
+        for i in range(reps + 2):  # two warm-up rounds
+            for b in backends:
+                use_backend(model, b)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                denoise()
+                torch.cuda.synchronize()
+                if i >= 2:
+                    times[b].append(time.perf_counter() - t0)
+    out = {}
+    for b in backends:
+        use_backend(model, b)
+        out[b] = (sorted(times[b])[len(times[b]) // 2], gpu_kernels(model, inputs)[1] / 1000)
+    return out
+
+
 def gpu_kernels(model, inputs):
     """The GPU kernels of one denoiser call (profiler events), the summed kernel time in us and the
     wall time in us. Kernel time does not depend on how fast the host launches them."""
@@ -162,6 +204,8 @@ def main():
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--variants", nargs="*", default=VARIANTS)
+    p.add_argument("--alternate", nargs="*", default=[], metavar="BACKEND",
+                   help="also run each variant's model under these backends, taking turns at every step")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="also profile one step per variant and print its TOP kernels")
     a = p.parse_args()
@@ -199,6 +243,10 @@ def main():
         rows.append((variant, qt, gpu_kernels(q, inputs)[1], linear_bytes(q), _cos(out, ref_out),
                      kernel[0] if kernel else "?"))
         print(f"  {variant}: {qt * 1000:.1f} ms", flush=True)
+        if a.alternate:
+            turns = alternating_step_times(q, inputs, a.reps, a.alternate)
+            print(f"  {scheme} taking turns each step: " + ", ".join(
+                f"{b} {t * 1000:.1f} ms ({gpu:.1f} ms GPU)" for b, (t, gpu) in turns.items()), flush=True)
         if a.profile:
             profile_step(q, inputs, a.profile)
         del q, out

@@ -16,8 +16,9 @@ def backend_input():
     """The kernel-provider widget every QuantDiT node shares."""
     return io.Combo.Input("backend", options=backend_options(), default="auto",
                           tooltip="Kernel provider. 'auto' picks the fastest one that can run each layer's "
-                                  "scheme on your device; a named one that cannot falls back and the report "
-                                  "says so.")
+                                  "scheme on your device, per call where the fastest depends on the token "
+                                  "count (the report names both); a named one runs every call, or, if it "
+                                  "cannot run here, falls back and the report says so.")
 
 
 class QuantDiTLoader(io.ComfyNode):

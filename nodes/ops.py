@@ -11,7 +11,7 @@ import comfy.model_management
 import comfy.ops
 
 from ..quant import reference
-from ..quant.backends import pick_backend, run_linear
+from ..quant.backends import KernelChoice, pick_kernels, run_linear
 from ..quant.deferred import DeferredActivation
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
@@ -29,13 +29,13 @@ class QuantLinearMixin:
         self.quant_scheme = scheme
         self.weight = torch.nn.Parameter(qdata, requires_grad=False)
         self.weight_scale = torch.nn.Parameter(scale.to(torch.float32), requires_grad=False)
-        self._kernels: dict[torch.device, object] = {}
+        self._kernels: dict[torch.device, KernelChoice] = {}
 
-    def _kernel(self, device: torch.device):
-        backend = self._kernels.get(device)
-        if backend is None:
-            backend = self._kernels[device] = pick_backend(self.quant_scheme, device, self.quant_backend_pref)
-        return backend
+    def _kernel(self, device: torch.device, rows: int):
+        choice = self._kernels.get(device)
+        if choice is None:
+            choice = self._kernels[device] = pick_kernels(self.quant_scheme, device, self.quant_backend_pref)
+        return choice.for_rows(rows)
 
     def forward(self, *args, **kwargs):
         if self.quant_scheme is None:
@@ -61,7 +61,7 @@ class QuantLinearMixin:
             # bf16 rounding (2^-9) is far below the 8-bit activation quantization step.
             xc = x.to(torch.bfloat16)
         x2d = xc.rows() if isinstance(xc, DeferredActivation) else xc.reshape(-1, k)
-        backend = self._kernel(dev)
+        backend = self._kernel(dev, x2d.shape[0])
         if self.quant_share is not None:
             x2d = self._shared_rows(x, x2d, backend)
         y = run_linear(x2d, qdata, scale, bias, self.quant_scheme, k, backend)

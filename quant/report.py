@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends import backend_reasons, pick_backend, why_not
+from .backends import backend_reasons, pick_kernels, why_not
 from .schemes import get_scheme
 
 
@@ -62,8 +62,9 @@ def describe_kernels(report: QuantReport, device: torch.device, backend: str | N
     """Which kernel each scheme will run on the device ComfyUI loads the model to."""
     for name in report.schemes:
         scheme = get_scheme(name)
-        chosen = pick_backend(scheme, device, None if backend == "auto" else backend)
-        report.backends[name] = f"{chosen.name} on {device}"
+        kernels = pick_kernels(scheme, device, None if backend == "auto" else backend)
+        chosen = kernels.backend
+        report.backends[name] = f"{kernels.describe()} on {device}"
         if backend not in (None, "auto", chosen.name):
             why = why_not(backend, scheme, device)
             report.notes.append(f"backend '{backend}' cannot run {name} on {device} ({why}); "

@@ -3,7 +3,8 @@
 A backend module registers itself with `register_backend`. Each reports `availability()`
 (installed / importable / GPU capable) with a reason, and `supports(scheme, device)`.
 `pick_backend` returns the best one for a scheme and device, or raises NoCapableBackendError
-listing every backend's reason.
+listing every backend's reason; `pick_kernels` adds the backend that `auto` hands large inputs,
+where another provider's kernel overtakes the best-ranked one as the token count grows.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ class Backend:
     # per token. Where given, `linear` also takes its output as a quant.shared_quant.QuantizedRows for
     # those schemes, so sibling linears reading one activation quantize it once (nodes/shared_quant.py).
     row_quantizer: Optional[Callable[[torch.Tensor, Scheme], tuple[torch.Tensor, torch.Tensor]]] = None
+    # fn(scheme, device) -> the fewest tokens from which this backend's kernel for the scheme beats
+    # every other provider's on that GPU, whatever their ranks; None where it does not. `auto` hands
+    # such inputs to it (pick_kernels).
+    large_inputs_from: Optional[Callable[[Scheme, torch.device], Optional[int]]] = None
 
     def rank(self, scheme: Scheme) -> int:
         return self.scheme_priority.get(scheme.name, self.priority)
@@ -120,6 +125,39 @@ def pick_backend(scheme: Scheme, device: torch.device, preferred: Optional[str] 
             return b
         reasons[b.name] = why
     raise NoCapableBackendError(scheme, device, reasons)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """A layer's kernels: `backend` runs its inputs, `large` those of at least `large_from` tokens."""
+    backend: Backend
+    large: Optional[Backend] = None
+    large_from: int = 0
+
+    def for_rows(self, rows: int) -> Backend:
+        return self.large if self.large is not None and rows >= self.large_from else self.backend
+
+    def describe(self) -> str:
+        if self.large is None:
+            return self.backend.name
+        return f"{self.backend.name}, {self.large.name} from {self.large_from} tokens"
+
+
+def pick_kernels(scheme: Scheme, device: torch.device, preferred: Optional[str] = None,
+                 strict: bool = False) -> KernelChoice:
+    """`pick_backend`'s choice and, under `auto`, the provider that overtakes it on large inputs
+    (the one claiming the fewest tokens, if several do). A backend the user named runs every input."""
+    backend = pick_backend(scheme, device, preferred, strict)
+    if preferred not in (None, "auto") and backend.name == preferred:
+        return KernelChoice(backend)
+    large, start = None, None
+    for b in _BACKENDS.values():
+        if b is backend or b.large_inputs_from is None or b.availability() or b.supports(scheme, device):
+            continue
+        rows = b.large_inputs_from(scheme, device)
+        if rows is not None and (start is None or rows < start):
+            large, start = b, rows
+    return KernelChoice(backend) if large is None else KernelChoice(backend, large, start)
 
 
 def cuda_missing() -> Optional[str]:

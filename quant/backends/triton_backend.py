@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -31,6 +32,11 @@ _MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9), "fp8-block128": (8, 
                    "int8-weight-only": (8, 0), "fp8-weight-only": (8, 9), "fp8-scaled": (8, 9),
                    "fp8-e5m2-weight-only": (8, 9), "fp8-e5m2-scaled": (8, 9)}
 WEIGHT_ONLY_KERNEL_MAX_ROWS = 2048
+# Inputs from this many tokens run here under `auto` on Hopper even where a higher-ranked provider
+# (vLLM) is installed. This pack's Hopper GEMMs take less GPU time from about 2048 tokens
+# (bench_gemm --tokens), but a Triton linear costs more host time than a vLLM one, and a Flux step at
+# 1024x1024 (4608 tokens) waits on the host: it ran 0-4% slower handed over. 0 turns this off.
+LARGE_INPUTS_FROM = int(os.environ.get("QUANTDIT_TRITON_FROM_TOKENS", "8192"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,6 +57,19 @@ def _scaled_mm_ok(xq: torch.Tensor, n: int) -> bool:
     k = xq.shape[1]
     return (xq.is_cuda and not interpreted() and k % 16 == 0 and n % 16 == 0
             and cuda_capability(xq.device) >= (8, 9))
+
+
+def _large_inputs_from(scheme: Scheme, device: torch.device):
+    """Where this pack's Hopper W8A8 kernels (Gluon int8, persistent TMA fp8) run: from
+    LARGE_INPUTS_FROM tokens, on sm_90 only (the GPU they were measured on)."""
+    if LARGE_INPUTS_FROM <= 0 or scheme.name not in ("int8-w8a8", "fp8-w8a8") or cuda_capability(device) != (9, 0):
+        return None
+    gemm = _kernels()[1]
+    if gemm.ROCM or not (gemm.USE_TMA and gemm.PERSISTENT) or gemm.TENSOR_DESCRIPTOR is None:
+        return None
+    if scheme.name == "int8-w8a8" and not (gemm.USE_GLUON and gemm.gluon_failure is None):
+        return None
+    return LARGE_INPUTS_FROM
 
 
 def _per_token(quant, x2d, dtype):
@@ -100,4 +119,5 @@ TRITON = register_backend(Backend(
                  "and as `triton-windows` on Windows).",
     deferred_schemes=frozenset({"int8-w8a8", "fp8-w8a8"}),
     row_quantizer=_quantize_rows,
+    large_inputs_from=_large_inputs_from,
 ))

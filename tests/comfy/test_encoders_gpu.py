@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _kernels(module):
-    return {k.name for m in module.modules() for k in getattr(m, "_kernels", {}).values()}
+    return {k.for_rows(1).name for m in module.modules() for k in getattr(m, "_kernels", {}).values()}
 
 
 def _best(scheme):

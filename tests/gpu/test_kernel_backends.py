@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from quant import reference
-from quant.backends import get_backend, list_backends, pick_backend, quantized_linear, vllm_backend, why_not
+from quant.backends import (get_backend, list_backends, pick_backend, pick_kernels, quantized_linear, triton_backend,
+                            vllm_backend, why_not)
 from quant.kernels import few_rows_gemm, gluon_gemm, launch, triton_gemm, triton_int4, triton_quant, triton_weight_only
 from quant.schemes import get_scheme
 
@@ -445,6 +446,31 @@ def test_auto_choice_on_this_gpu():
     assert picks["fp8-w8a8"] == best and picks["int8-w8a8"] == best
     assert picks["int4-g128"] == "triton" and picks["fp8-weight-only"] == "triton"
     assert picks["fp8-block128"] in ("vllm", "deep-gemm", "triton")
+
+
+@pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
+def test_auto_hands_large_inputs_to_triton_on_hopper(scheme_name):
+    """Where vLLM ranks first, Hopper's inputs from LARGE_INPUTS_FROM tokens still run the Triton
+    kernels, which take less GPU time there (bench_gemm --tokens); a named backend runs every input."""
+    scheme = get_scheme(scheme_name)
+    choice = pick_kernels(scheme, DEV)
+    print(scheme_name, choice.describe())
+    start = triton_backend.LARGE_INPUTS_FROM
+    best = "vllm" if "vllm" in EXPECTED else "triton"
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert start > 4608  # a Flux step at 1024x1024 keeps the best-ranked backend (see triton_backend.py)
+    assert choice.for_rows(512).name == best and choice.for_rows(start - 1).name == best
+    assert choice.for_rows(start).name == ("triton" if hopper else best)
+    assert choice.for_rows(32760).name == ("triton" if hopper else best)
+    assert pick_kernels(scheme, DEV, best).for_rows(32760).name == best
+    if "vllm" in EXPECTED and hopper:
+        assert choice.describe() == f"vllm, triton from {start} tokens"
+    # the backend such an input is handed to runs it correctly
+    x = torch.randn(start, 1024, device=DEV, dtype=torch.bfloat16)
+    wq, ws = reference.quantize_weight(torch.randn(512, 1024, device=DEV) / 32, scheme)
+    y = choice.for_rows(start).linear(x, wq, ws, None, scheme, 1024)
+    ref = reference.emulated_linear(x, wq, ws, scheme, None, 1024)
+    assert cos(y, ref) > 0.9999, cos(y, ref)
 
 
 # ------------------------------------------------------------------ vLLM's Marlin (int4-g128)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import quant.backends as backends
-from quant.backends import registry, torch_native
+from quant.backends import registry, torch_native, triton_backend
 from quant.backends.reference_backend import REFERENCE
 from quant.backends.registry import (Backend, BackendUnavailableError, NoCapableBackendError, get_backend,
-                                     list_backends, pick_backend)
+                                     list_backends, pick_backend, pick_kernels)
 from quant.schemes import get_scheme, list_schemes
 
 CPU = torch.device("cpu")
@@ -31,10 +31,11 @@ def fresh_warnings(monkeypatch):
     monkeypatch.setattr(registry, "_warned", set())
 
 
-def _fake_backend(name, priority, runs: set[str], available=None, linear=None):
+def _fake_backend(name, priority, runs: set[str], available=None, linear=None, large_inputs_from=None):
     return Backend(name=name, priority=priority, availability=lambda: available,
                    supports=lambda scheme, device: None if scheme.name in runs else f"{name} cannot do {scheme.name}",
-                   linear=linear or (lambda *a: None), install_hint=f"pip install {name}")
+                   linear=linear or (lambda *a: None), install_hint=f"pip install {name}",
+                   large_inputs_from=large_inputs_from)
 
 
 def _gpu(monkeypatch, capability=(9, 0)):
@@ -159,6 +160,92 @@ def test_auto_prefers_highest_priority_backend_that_supports_the_scheme(monkeypa
     assert pick_backend(get_scheme("int4-g128"), CUDA) is REFERENCE
     with pytest.raises(BackendUnavailableError, match="package not installed"):
         pick_backend(INT8, CUDA, preferred="not-installed", strict=True)
+
+
+# ------------------------------------------------------------------ large inputs under auto
+def _ranked_and_large(monkeypatch, large_available=None):
+    """'ranked' ranks first; 'large' has the faster kernel for int8 inputs from 2048 tokens."""
+    ranked = _fake_backend("ranked", 90, {"int8-w8a8", "fp8-w8a8"})
+    large = _fake_backend("large", 40, {"int8-w8a8", "fp8-w8a8"}, available=large_available,
+                          large_inputs_from=lambda scheme, device: 2048 if scheme.name == "int8-w8a8" else None)
+    for b in (ranked, large):
+        monkeypatch.setitem(registry._BACKENDS, b.name, b)
+    return ranked, large
+
+
+def test_auto_hands_large_inputs_to_the_backend_that_claims_them(monkeypatch):
+    ranked, large = _ranked_and_large(monkeypatch)
+    for preferred in (None, "auto"):
+        choice = pick_kernels(INT8, CPU, preferred)
+        assert choice.backend is ranked and choice.large is large and choice.large_from == 2048
+        assert choice.for_rows(1) is ranked and choice.for_rows(2047) is ranked
+        assert choice.for_rows(2048) is large and choice.for_rows(32760) is large
+        assert choice.describe() == "ranked, large from 2048 tokens"
+
+
+def test_no_hand_over_where_no_backend_claims_the_scheme(monkeypatch):
+    ranked, _ = _ranked_and_large(monkeypatch)
+    choice = pick_kernels(FP8, CPU)       # 'large' claims no fp8 inputs
+    assert choice.large is None and choice.for_rows(32760) is ranked and choice.describe() == "ranked"
+
+
+def test_no_hand_over_to_an_unavailable_backend(monkeypatch):
+    ranked, _ = _ranked_and_large(monkeypatch, large_available="not built")
+    assert pick_kernels(INT8, CPU).for_rows(32760) is ranked
+
+
+def test_the_backend_claiming_the_fewest_tokens_takes_large_inputs(monkeypatch):
+    ranked, large = _ranked_and_large(monkeypatch)
+    later = _fake_backend("later", 30, {"int8-w8a8"}, large_inputs_from=lambda scheme, device: 8192)
+    monkeypatch.setitem(registry._BACKENDS, "later", later)
+    assert pick_kernels(INT8, CPU).for_rows(10000) is large
+
+
+def test_a_named_backend_runs_every_input(monkeypatch):
+    ranked, large = _ranked_and_large(monkeypatch)
+    assert pick_kernels(INT8, CPU, "ranked").for_rows(32760) is ranked
+    assert pick_kernels(INT8, CPU, "large").for_rows(1) is large
+    # a named backend that cannot run falls back to auto, hand-over included
+    choice = pick_kernels(INT8, CPU, "not-installed")
+    assert choice.for_rows(1) is ranked and choice.for_rows(4096) is large
+
+
+def test_the_best_ranked_backend_keeps_inputs_it_claims_itself(monkeypatch):
+    ranked = _fake_backend("ranked", 90, {"int8-w8a8"}, large_inputs_from=lambda scheme, device: 16)
+    monkeypatch.setitem(registry._BACKENDS, "ranked", ranked)
+    choice = pick_kernels(INT8, CPU)
+    assert choice.large is None and choice.for_rows(4096) is ranked
+
+
+@pytest.mark.parametrize("capability,scheme,rows", [
+    ((9, 0), "int8-w8a8", triton_backend.LARGE_INPUTS_FROM), ((9, 0), "fp8-w8a8", triton_backend.LARGE_INPUTS_FROM),
+    ((9, 0), "fp8-block128", None), ((9, 0), "int4-g128", None), ((9, 0), "int8-weight-only", None),
+    ((8, 9), "fp8-w8a8", None), ((8, 0), "int8-w8a8", None), ((10, 0), "int8-w8a8", None),  # measured on sm_90 only
+])
+def test_triton_claims_large_w8a8_inputs_on_hopper_only(monkeypatch, capability, scheme, rows):
+    from quant.kernels import triton_gemm
+    monkeypatch.setattr(triton_backend, "cuda_capability", lambda device: capability)
+    monkeypatch.setattr(triton_gemm, "ROCM", False)
+    monkeypatch.setattr(triton_gemm, "gluon_failure", None)
+    if triton_gemm.TENSOR_DESCRIPTOR is None:
+        pytest.fail("this Triton has no TensorDescriptor; make setup installs one that does")
+    assert triton_backend.TRITON.large_inputs_from(get_scheme(scheme), CUDA) == rows
+
+
+@pytest.mark.parametrize("switch,value,scheme", [
+    ("LARGE_INPUTS_FROM", 0, "fp8-w8a8"), ("ROCM", True, "fp8-w8a8"), ("PERSISTENT", False, "fp8-w8a8"),
+    ("USE_TMA", False, "fp8-w8a8"), ("USE_GLUON", False, "int8-w8a8"),
+    ("gluon_failure", "the Gluon kernel did not build", "int8-w8a8"),
+])
+def test_triton_claims_no_large_inputs_without_its_hopper_kernels(monkeypatch, switch, value, scheme):
+    from quant.kernels import triton_gemm
+    monkeypatch.setattr(triton_backend, "cuda_capability", lambda device: (9, 0))
+    monkeypatch.setattr(triton_gemm, "ROCM", False)
+    monkeypatch.setattr(triton_gemm, "gluon_failure", None)
+    monkeypatch.setattr(triton_backend if switch == "LARGE_INPUTS_FROM" else triton_gemm, switch, value)
+    assert triton_backend.TRITON.large_inputs_from(get_scheme(scheme), CUDA) is None
+    if scheme == "int8-w8a8":  # fp8 runs the persistent Triton kernel, with or without Gluon
+        assert triton_backend.TRITON.large_inputs_from(FP8, CUDA) == triton_backend.LARGE_INPUTS_FROM
 
 
 # ------------------------------------------------------------------ nobody can run it
