@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -27,16 +28,31 @@ from ..shared_quant import QuantizedRows
 from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 from .torch_native import upcast_linear
 
+log = logging.getLogger("quantdit")
+
 # scheme -> minimum compute capability of the kernel used for it
 _MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9), "fp8-block128": (8, 9), "int4-g128": (8, 0),
                    "int8-weight-only": (8, 0), "fp8-weight-only": (8, 9), "fp8-scaled": (8, 9),
                    "fp8-e5m2-weight-only": (8, 9), "fp8-e5m2-scaled": (8, 9)}
 WEIGHT_ONLY_KERNEL_MAX_ROWS = 2048
+
+
+def _tokens_setting(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:  # a typo in the environment must not stop ComfyUI from loading the pack
+        log.warning("QuantDiT: %s=%r is not a token count; using %d", name, raw, default)
+        return default
+
+
 # Inputs from this many tokens run here under `auto` on Hopper even where a higher-ranked provider
 # (vLLM) is installed. This pack's Hopper GEMMs take less GPU time from about 2048 tokens
 # (bench_gemm --tokens), but a Triton linear costs more host time than a vLLM one, and a Flux step at
 # 1024x1024 (4608 tokens) waits on the host: it ran 0-4% slower handed over. 0 turns this off.
-LARGE_INPUTS_FROM = int(os.environ.get("QUANTDIT_TRITON_FROM_TOKENS", "8192"))
+LARGE_INPUTS_FROM = _tokens_setting("QUANTDIT_TRITON_FROM_TOKENS", 8192)
 
 
 @functools.lru_cache(maxsize=1)

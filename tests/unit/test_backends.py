@@ -232,6 +232,14 @@ def test_triton_claims_large_w8a8_inputs_on_hopper_only(monkeypatch, capability,
     assert triton_backend.TRITON.large_inputs_from(get_scheme(scheme), CUDA) == rows
 
 
+@pytest.mark.parametrize("raw,tokens", [("", 8192), ("4096", 4096), (" 0 ", 0), ("lots", 8192)])
+def test_the_hand_over_threshold_setting(monkeypatch, caplog, raw, tokens):
+    monkeypatch.setenv("QUANTDIT_TRITON_FROM_TOKENS", raw)
+    with caplog.at_level(logging.WARNING, logger="quantdit"):
+        assert triton_backend._tokens_setting("QUANTDIT_TRITON_FROM_TOKENS", 8192) == tokens
+    assert ("is not a token count" in caplog.text) == (raw == "lots")
+
+
 @pytest.mark.parametrize("switch,value,scheme", [
     ("LARGE_INPUTS_FROM", 0, "fp8-w8a8"), ("ROCM", True, "fp8-w8a8"), ("PERSISTENT", False, "fp8-w8a8"),
     ("USE_TMA", False, "fp8-w8a8"), ("USE_GLUON", False, "int8-w8a8"),
