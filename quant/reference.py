@@ -43,10 +43,11 @@ def _cast(scaled: torch.Tensor, fmt: str) -> torch.Tensor:
     return q.to(torch.int8)
 
 
-def _scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
+def scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
     amax = amax.float().clamp(min=_MIN_AMAX)
     # A tensor divisor: CUDA turns division by a Python scalar into a multiply by its reciprocal.
-    return amax / amax.new_tensor(_qmax(fmt))
+    # Filled on the tensor's device: no host-to-device copy, so CUDA graphs can capture it.
+    return amax / torch.full_like(amax, _qmax(fmt))
 
 
 def _scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -57,13 +58,13 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_rowwise(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale per row of a 2-D tensor (weight per output channel, activation per token)."""
     x = x.float()
-    scale = _scale_from_amax(x.abs().amax(dim=-1, keepdim=True), fmt)
+    scale = scale_from_amax(x.abs().amax(dim=-1, keepdim=True), fmt)
     return _cast(_scaled(x, scale), fmt), scale
 
 
 def quantize_per_tensor(x: torch.Tensor, fmt: str = FP8_E4M3) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.float()
-    scale = _scale_from_amax(x.abs().amax(), fmt)
+    scale = scale_from_amax(x.abs().amax(), fmt)
     return _cast(_scaled(x, scale), fmt), scale.reshape(())
 
 
@@ -81,7 +82,7 @@ def quantize_groupwise(x: torch.Tensor, fmt: str, group: int = GROUP) -> tuple[t
     """One scale per `group` consecutive features of each row: scale shape [rows, ceil(K/group)]."""
     rows, k = x.shape
     xp = _pad_last(x.float(), group).reshape(rows, -1, group)
-    scale = _scale_from_amax(xp.abs().amax(dim=-1, keepdim=True), fmt)
+    scale = scale_from_amax(xp.abs().amax(dim=-1, keepdim=True), fmt)
     q = _cast(_scaled(xp, scale), fmt).reshape(rows, -1)[:, :k]
     return q, scale.squeeze(-1)
 
@@ -99,7 +100,7 @@ def quantize_block(w: torch.Tensor, block: int = GROUP) -> tuple[torch.Tensor, t
     wp = _pad_last(_pad_last(w.float(), block).t(), block).t()  # pad both dims
     nb, kb = wp.shape[0] // block, wp.shape[1] // block
     tiles = wp.reshape(nb, block, kb, block)
-    scale = _scale_from_amax(tiles.abs().amax(dim=(1, 3)), FP8_E4M3)
+    scale = scale_from_amax(tiles.abs().amax(dim=(1, 3)), FP8_E4M3)
     q = _cast(_scaled(tiles, scale[:, None, :, None]), FP8_E4M3).reshape(nb * block, kb * block)
     return q[:n, :k].contiguous(), scale
 
@@ -261,7 +262,7 @@ def quantize_weight_streaming(w: torch.Tensor, scheme: Scheme, rows: int = 256) 
         amax = torch.zeros((), dtype=torch.float32, device=w.device)
         for i in range(0, n, rows):
             amax = torch.maximum(amax, w[i:i + rows].abs().amax().float())
-        scale = _scale_from_amax(amax, scheme.weight_format).reshape(())
+        scale = scale_from_amax(amax, scheme.weight_format).reshape(())
         q = torch.cat([_cast(_scaled(w[i:i + rows].float(), scale), scheme.weight_format) for i in range(0, n, rows)])
         return q, scale
     parts = [quantize_weight(w[i:i + rows].float(), scheme) for i in range(0, n, rows)]

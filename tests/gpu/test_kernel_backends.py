@@ -448,6 +448,18 @@ def test_auto_choice_on_this_gpu():
     assert picks["fp8-block128"] in ("vllm", "deep-gemm", "triton")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k", [(1, 3072), (333, 5120), (4096, 3072)])
+def test_torch_native_fp8_quant_is_bit_equal_to_the_reference_on_cuda(dtype, m, k):
+    from quant.backends import torch_native
+    torch.manual_seed(m)
+    x = (torch.randn(m, k, device=DEV) * 4).to(dtype)
+    x[0, 0] = 3e4
+    q, s = torch_native.per_token_fp8(x)
+    rq, rs = reference.quantize_activation(x, get_scheme("fp8-w8a8"))
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
+
+
 @pytest.mark.parametrize("scheme_name", ["int8-w8a8", "fp8-w8a8"])
 def test_auto_hands_large_inputs_to_triton_on_hopper(scheme_name):
     """Where vLLM ranks first, Hopper's inputs from LARGE_INPUTS_FROM tokens still run the Triton

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import quant.backends as backends
+from quant import reference
 from quant.backends import registry, torch_native, triton_backend
 from quant.backends.reference_backend import REFERENCE
 from quant.backends.registry import (Backend, BackendUnavailableError, NoCapableBackendError, get_backend,
@@ -160,6 +161,34 @@ def test_auto_prefers_highest_priority_backend_that_supports_the_scheme(monkeypa
     assert pick_backend(get_scheme("int4-g128"), CUDA) is REFERENCE
     with pytest.raises(BackendUnavailableError, match="package not installed"):
         pick_backend(INT8, CUDA, preferred="not-installed", strict=True)
+
+
+# ------------------------------------------------------------------ torch's own fp8 path
+def _every_finite_bf16_value_in_rows(width=512):
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.bfloat16)
+    x = x[torch.isfinite(x)]
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))]
+    return x[: x.numel() // width * width].reshape(-1, width)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_torch_native_fp8_quant_is_bit_equal_to_the_reference(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(67, 640) * 5).to(dtype)
+    x[3] = 0                 # the smallest scale
+    x[4, 7] = 6e4            # one large value: the row's others quantize to few levels
+    x[5] *= 1e-3
+    rows = [x]
+    if dtype == torch.bfloat16:   # every finite bf16 value, each row's extremes landing on +-448
+        rows.append(_every_finite_bf16_value_in_rows())
+    for t in rows:
+        q, s = torch_native.per_token_fp8(t)
+        rq, rs = reference.quantize_activation(t, FP8)
+        assert q.dtype == torch.float8_e4m3fn and q.shape == t.shape
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+        assert torch.equal(s, rs)
+        assert not torch.isnan(q.float()).any()
 
 
 # ------------------------------------------------------------------ large inputs under auto
