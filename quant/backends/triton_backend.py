@@ -80,12 +80,7 @@ def _large_inputs_from(scheme: Scheme, device: torch.device):
     LARGE_INPUTS_FROM tokens, on sm_90 only (the GPU they were measured on)."""
     if LARGE_INPUTS_FROM <= 0 or scheme.name not in ("int8-w8a8", "fp8-w8a8") or cuda_capability(device) != (9, 0):
         return None
-    gemm = _kernels()[1]
-    if gemm.ROCM or not (gemm.USE_TMA and gemm.PERSISTENT) or gemm.TENSOR_DESCRIPTOR is None:
-        return None
-    if scheme.name == "int8-w8a8" and not (gemm.USE_GLUON and gemm.gluon_failure is None):
-        return None
-    return LARGE_INPUTS_FROM
+    return LARGE_INPUTS_FROM if _kernels()[1].persistent_hopper_gemm_on(scheme.name == "int8-w8a8") else None
 
 
 def _per_token(quant, x2d, dtype):

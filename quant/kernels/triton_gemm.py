@@ -235,6 +235,13 @@ def hopper_ready(xq: torch.Tensor, wq: torch.Tensor) -> bool:
     return xq.stride(0) % 16 == 0 and wq.stride(0) % 16 == 0 and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0
 
 
+def persistent_hopper_gemm_on(is_int: bool) -> bool:
+    """The persistent Hopper W8A8 GEMM that w8a8_gemm runs on sm_90 operands passing hopper_ready
+    (Gluon for int8, Triton's TMA kernel for fp8) is switched on and builds with this Triton."""
+    return (TENSOR_DESCRIPTOR is not None and USE_TMA and PERSISTENT and not ROCM
+            and (not is_int or (USE_GLUON and gluon_failure is None)))
+
+
 def _index(t: torch.Tensor) -> int:
     return t.get_device()  # a CUDA tensor's device index, without building a torch.device
 
