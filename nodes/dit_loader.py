@@ -16,6 +16,7 @@ from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import get_scheme
 from .gelu_handoff import defer_gelus
+from .heads_handoff import defer_attention_heads
 from .ops import make_quant_ops
 from .shared_quant import share_row_quant
 
@@ -51,6 +52,7 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
                               "the original model.", unclaimed[0])
     report = build_report(path, layout_of(plan), layers)
     defer_gelus(model, report)
+    defer_attention_heads(model, report)
     share_row_quant(model, report)
     describe_kernels(report, model.load_device, backend)
     return model, report

@@ -24,7 +24,8 @@ def _is_tanh_gelu(module) -> bool:
     return type(module) is torch.nn.GELU and module.approximate == "tanh"
 
 
-def _takes_deferred(module) -> bool:
+def takes_deferred(module) -> bool:
+    """A quantized linear that reads a quant.deferred activation from its sources."""
     return isinstance(module, QuantLinearMixin) and consumes_deferred(module.quant_scheme)
 
 
@@ -37,11 +38,11 @@ def _handoffs(patcher, root: str):
             children = list(module._modules)
             for act, consumer in zip(children, children[1:]):
                 if (_is_tanh_gelu(patcher.get_model_object(f"{path}.{act}"))
-                        and _takes_deferred(patcher.get_model_object(f"{path}.{consumer}"))):
+                        and takes_deferred(patcher.get_model_object(f"{path}.{consumer}"))):
                     yield f"{path}.{act}"
         elif hasattr(module, "mlp_act") and hasattr(module, "linear2") and not getattr(module, "yak_mlp", False):
             if (_is_tanh_gelu(patcher.get_model_object(f"{path}.mlp_act"))
-                    and _takes_deferred(patcher.get_model_object(f"{path}.linear2"))):
+                    and takes_deferred(patcher.get_model_object(f"{path}.linear2"))):
                 yield f"{path}.mlp_act"
 
 

@@ -19,6 +19,7 @@ from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import ResolvedScheme, weight_only_partner
 from .gelu_handoff import defer_gelus
+from .heads_handoff import defer_attention_heads
 from .ops import QuantizedLinear, QuantLinearMixin
 from .shared_quant import share_row_quant
 
@@ -85,6 +86,7 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
         pbar.update(1)
     if root:
         defer_gelus(out, report, root)
+        defer_attention_heads(out, report, root)
         share_row_quant(out, report, root)
     for s, n in sorted(modulation.items()):
         report.notes.append(f"{n} modulation (adaLN) layers run {s} (one row per sample)")

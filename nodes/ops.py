@@ -12,7 +12,7 @@ import comfy.ops
 
 from ..quant import reference
 from ..quant.backends import KernelChoice, pick_kernels, run_linear
-from ..quant.deferred import DeferredActivation
+from ..quant.deferred import Deferred
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.schemes import Scheme, get_scheme
@@ -60,7 +60,7 @@ class QuantLinearMixin:
             # Text encoders run fp32 activations; the 8-bit GEMMs take and give bf16/fp16. The
             # bf16 rounding (2^-9) is far below the 8-bit activation quantization step.
             xc = x.to(torch.bfloat16)
-        x2d = xc.rows() if isinstance(xc, DeferredActivation) else xc.reshape(-1, k)
+        x2d = xc.rows() if isinstance(xc, Deferred) else xc.reshape(-1, k)
         backend = self._kernel(dev, x2d.shape[0])
         if self.quant_share is not None:
             x2d = self._shared_rows(x, x2d, backend)

@@ -1,16 +1,20 @@
-"""A tanh-GELU whose output is handed, unwritten, to the quantized linear after it.
+"""Activations handed, unwritten, to the quantized linear after them.
 
-In a DiT MLP the GELU's output goes straight into a W8A8 linear, whose first act is to read it
-back and quantize it per token. In Flux's single blocks it is also concatenated with the
-attention output first. Writing the GELU output and the concatenation costs a full pass over the
-block's widest activation, twice; the quantizer can instead read the GELU's input and apply the
-GELU itself (triton_quant.per_token_quant_gelu).
+A W8A8 linear's first act is to read its input back and quantize it per token, so whatever pass
+wrote that input can be skipped when the quantizer can read the input's own sources:
 
-`DeferredGelu` replaces such a GELU (an object patch: ComfyUI's block code is not touched). It
-returns a `DeferredActivation`: a tensor that knows how to compute itself. A quantized linear
-whose kernel can read it directly does; every other use (a bf16 linear, a block that multiplies
-the activation, a LoRA path) computes it first with the ordinary torch ops, so results
-are the same whatever code receives it.
+- `DeferredActivation`: a tanh-GELU's output (and, in Flux's single blocks, its concatenation
+  after the attention output). In a DiT MLP the GELU output goes straight into the second linear;
+  the quantizer applies the GELU itself (triton_quant.per_token_quant_gelu). `DeferredGelu`
+  replaces such a GELU (an object patch: ComfyUI's block code is not touched).
+- `DeferredHeads`: an attention output still laid out [B, heads, L, head_dim], as SDPA returns it.
+  ComfyUI transposes it into [B, L, heads * head_dim], a full copy, before the output projection;
+  the quantizer reads the rows from the head layout instead (triton_quant.per_token_quant_heads).
+  nodes/heads_handoff.py returns it from ComfyUI's PyTorch attention in Flux-family models.
+
+Both are tensors that know how to compute themselves. A quantized linear whose kernel can read one
+directly does; every other use (a bf16 linear, a block that multiplies the activation, a LoRA path)
+computes it first with the ordinary torch ops, so results are the same whatever code receives it.
 """
 from __future__ import annotations
 
@@ -33,11 +37,56 @@ def consumes_deferred(scheme: Optional[Scheme]) -> bool:
     return scheme is not None and scheme.quantizes_activation and scheme.activation_granularity == PER_TOKEN
 
 
-class DeferredActivation(torch.Tensor):
+class Deferred(torch.Tensor):
+    """A tensor not computed yet: `materialize()` computes it with torch's own ops, which every use
+    but a consuming kernel gets. Subclasses keep their sources as attributes and may answer some
+    calls without computing (`_answer`)."""
+
+    def materialize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self) -> "Deferred":
+        """The same activation as [tokens, features], still deferred."""
+        raise NotImplementedError
+
+    @classmethod
+    def _answer(cls, func, args, kwargs):
+        """The result of func without computing, or None to compute first."""
+        return None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        answer = cls._answer(func, args, kwargs)
+        if answer is not None:
+            return answer
+        if _writes_in_place(func, args, kwargs):
+            # It would write into a temporary, and the caller's tensor would silently stay without it.
+            raise RuntimeError(f"QuantDiT: {getattr(func, '__name__', func)} would modify {cls._what} that "
+                               f"{cls._handed_off_by} has not computed yet. A custom node or patch changes "
+                               "these blocks in a way the hand-off does not expect; please report it to "
+                               "ComfyUI-QuantDiT with the workflow.")
+        # Only this class's own: another kind in the same call (cat((attention, deferred GELU)) in
+        # Flux's single blocks) then gets its own turn, and may stay deferred.
+        args, kwargs = tree_map_only(cls, cls.materialize, (args, kwargs))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached only by calls that bypass __torch_function__ (C++ internals): compute, then run.
+        args, kwargs = tree_map_only(Deferred, lambda t: t.materialize(), (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+
+class DeferredActivation(Deferred):
     """cat((prefix, gelu_tanh(source)), -1), or gelu_tanh(source) without a prefix; not computed yet."""
 
     source: torch.Tensor
     prefix: Optional[torch.Tensor]
+    _what, _handed_off_by = "a GELU output", "the GELU hand-off (nodes/gelu_handoff.py)"
 
     @staticmethod
     def __new__(cls, source: torch.Tensor, prefix: Optional[torch.Tensor] = None):
@@ -63,29 +112,57 @@ class DeferredActivation(torch.Tensor):
         return f"DeferredActivation(shape={tuple(self.shape)}, dtype={self.dtype}, prefix={self.prefix is not None})"
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _METADATA:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        if func is torch.cat:
-            joined = _join(*args, **kwargs)
-            if joined is not None:
-                return joined
-        if _writes_in_place(func, args, kwargs):
-            # It would write into a temporary, and the caller's tensor would silently stay without it.
-            raise RuntimeError(f"QuantDiT: {getattr(func, '__name__', func)} would modify a GELU output that the "
-                               "GELU hand-off (nodes/gelu_handoff.py) has not computed yet. A custom node or "
-                               "patch changes these blocks in a way the hand-off does not expect; please report "
-                               "it to ComfyUI-QuantDiT with the workflow.")
-        args, kwargs = tree_map_only(DeferredActivation, DeferredActivation.materialize, (args, kwargs))
-        return func(*args, **kwargs)
+    def _answer(cls, func, args, kwargs):
+        return _join(*args, **kwargs) if func is torch.cat else None
+
+
+class DeferredHeads(Deferred):
+    """heads.transpose(1, 2).reshape(B, L, H * D) for an attention output heads [B, H, L, D], not
+    copied yet; with `flat`, the same as [B * L, H * D] rows."""
+
+    heads: torch.Tensor
+    flat: bool
+    _what, _handed_off_by = "an attention output", "the attention hand-off (nodes/heads_handoff.py)"
+
+    @staticmethod
+    def __new__(cls, heads: torch.Tensor, flat: bool = False):
+        b, h, tokens, d = heads.shape
+        shape = (b * tokens, h * d) if flat else (b, tokens, h * d)
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=heads.dtype, device=heads.device)
+
+    def __init__(self, heads: torch.Tensor, flat: bool = False):
+        self.heads = heads
+        self.flat = flat
+
+    def materialize(self) -> torch.Tensor:
+        b, h, tokens, d = self.heads.shape
+        out = self.heads.transpose(1, 2)
+        return out.reshape(b * tokens, h * d) if self.flat else out.reshape(b, tokens, h * d)
+
+    def rows(self) -> "DeferredHeads":
+        return DeferredHeads(self.heads, flat=True)
+
+    def __repr__(self):
+        return f"DeferredHeads(shape={tuple(self.shape)}, dtype={self.dtype}, heads={tuple(self.heads.shape)})"
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        # Reached only by calls that bypass __torch_function__ (C++ internals): compute, then run.
-        args, kwargs = tree_map_only(DeferredActivation, DeferredActivation.materialize, (args, kwargs or {}))
-        return func(*args, **kwargs)
+    def _answer(cls, func, args, kwargs):
+        # Flux's double blocks split the joint attention output into its text and image tokens.
+        if func is torch.Tensor.__getitem__ and not kwargs:
+            return _token_slice(*args)
+        return None
+
+
+def _token_slice(t: DeferredHeads, index) -> Optional[DeferredHeads]:
+    """t[:, a:b] (a plain slice of the tokens) as a deferred view of the same heads; None otherwise."""
+    if t.flat or not isinstance(index, tuple) or len(index) != 2:
+        return None
+    batch, tokens = index
+    if batch != slice(None) or not isinstance(tokens, slice) or tokens.step not in (None, 1):
+        return None
+    if not all(v is None or type(v) is int for v in (tokens.start, tokens.stop)):
+        return None
+    return DeferredHeads(t.heads[:, :, tokens])
 
 
 _IN_PLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
@@ -93,14 +170,14 @@ _IN_PLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__iflo
 
 
 def _writes_in_place(func, args, kwargs) -> bool:
-    """An op that writes into a DeferredActivation argument (x.mul_(...), x += ..., out=x)."""
+    """An op that writes into a deferred argument (x.mul_(...), x += ..., out=x)."""
     name = getattr(func, "__name__", "")
     into_self = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
-    if into_self and args and isinstance(args[0], DeferredActivation):
+    if into_self and args and isinstance(args[0], Deferred):
         return True
     out = kwargs.get("out")
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    return any(isinstance(o, DeferredActivation) for o in outs)
+    return any(isinstance(o, Deferred) for o in outs)
 
 
 def _join(tensors, dim=0, *, out=None) -> Optional[DeferredActivation]:
@@ -108,7 +185,7 @@ def _join(tensors, dim=0, *, out=None) -> Optional[DeferredActivation]:
     if out is not None or len(tensors) != 2:
         return None
     prefix, act = tensors
-    if (not isinstance(act, DeferredActivation) or act.prefix is not None or isinstance(prefix, DeferredActivation)
+    if (not isinstance(act, DeferredActivation) or act.prefix is not None or isinstance(prefix, Deferred)
             or not isinstance(prefix, torch.Tensor)):
         return None
     src = act.source

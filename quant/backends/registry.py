@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..deferred import DeferredActivation
+from ..deferred import Deferred
 from ..schemes import Scheme, get_scheme
 
 log = logging.getLogger("quantdit")
@@ -34,8 +34,8 @@ class Backend:
     # scheme name -> its rank under "auto" where it differs from `priority` (a provider that is the
     # best for some schemes and not for others)
     scheme_priority: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
-    # schemes whose `linear` also takes a quant.deferred.DeferredActivation (and quantizes it in one
-    # pass); every other backend gets it computed first
+    # schemes whose `linear` also takes a quant.deferred.Deferred activation (and quantizes it from
+    # its sources in one pass); every other backend gets it computed first
     deferred_schemes: frozenset = frozenset()
     # fn(x2d, scheme) -> (q, scale): the backend's activation quantizer for the schemes that quantize
     # per token. Where given, `linear` also takes its output as a quant.shared_quant.QuantizedRows for
@@ -188,7 +188,7 @@ def run_linear(x2d: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias
     """The quantized linear of a layer. Eager calls go straight to the backend: the custom op's
     dispatch alone costs about as much host time as a bf16 linear. Under torch.compile the call
     goes through `quantized_linear`, so the compiler sees one opaque op."""
-    if isinstance(x2d, DeferredActivation) and scheme.name not in backend.deferred_schemes:
+    if isinstance(x2d, Deferred) and scheme.name not in backend.deferred_schemes:
         x2d = x2d.materialize()
     if torch.compiler.is_compiling():
         return quantized_linear(x2d, qdata, scale, bias, scheme.name, in_features, backend.name)

@@ -2,7 +2,7 @@
 
 - int8 W8A8: Triton per-token quant + a GEMM with the dequant fused into its epilogue (on Hopper
   written in Gluon, whose MMAs overlap; elsewhere in Triton). Both W8A8 schemes also take a
-  deferred GELU (quant/deferred.py), which the quantizer applies in its own pass.
+  deferred GELU or attention output (quant/deferred.py), which the quantizer reads from its sources.
 - fp8 W8A8: Triton per-token quant + the Triton GEMM (TMA, persistent, Hopper's fast fp8
   accumulation, as vLLM's CUTLASS fp8 kernels do); before Hopper, cuBLASLt's rowwise
   `torch._scaled_mm`.
@@ -21,7 +21,7 @@ import os
 import torch
 
 from .. import reference
-from ..deferred import DeferredActivation
+from ..deferred import Deferred
 from ..kernels import interpreted, triton_missing
 from ..schemes import Scheme
 from ..shared_quant import QuantizedRows
@@ -86,8 +86,8 @@ def _large_inputs_from(scheme: Scheme, device: torch.device):
 def _per_token(quant, x2d, dtype):
     if isinstance(x2d, QuantizedRows):      # quantized by a sibling layer reading the same tensor
         return x2d.q, x2d.scale
-    if isinstance(x2d, DeferredActivation):  # a GELU (and concatenation) not yet computed: one pass
-        return quant.per_token_quant_gelu(x2d.prefix, x2d.source, dtype)
+    if isinstance(x2d, Deferred):  # a GELU (and concatenation), or a transposed copy, not yet made: one pass
+        return quant.per_token_quant_deferred(x2d, dtype)
     return quant.per_token_quant(x2d, dtype)
 
 

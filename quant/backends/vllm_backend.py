@@ -17,7 +17,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import reference
-from ..deferred import DeferredActivation
+from ..deferred import Deferred
 from ..kernels import triton_missing
 from ..schemes import Scheme
 from ..shared_quant import QuantizedRows
@@ -116,12 +116,12 @@ def _triton_quant():
 def _per_token(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(x2d, QuantizedRows):      # quantized by a sibling layer reading the same tensor
         return x2d.q, x2d.scale
-    if isinstance(x2d, DeferredActivation):
-        # A GELU (and concatenation) not yet computed: the pack's Triton quantizer applies it in the
-        # same pass; vLLM's quant ops would need it written out first.
+    if isinstance(x2d, Deferred):
+        # A GELU (and concatenation), or an attention output's transposed copy, not yet made: the
+        # pack's Triton quantizer reads the sources in one pass; vLLM's quant ops need it written.
         tq = _triton_quant()
         if tq is not None:
-            return tq.per_token_quant_gelu(x2d.prefix, x2d.source, dtype)
+            return tq.per_token_quant_deferred(x2d, dtype)
         x2d = x2d.materialize()
     x2d = x2d.contiguous()
     q = torch.empty(x2d.shape, dtype=dtype, device=x2d.device)

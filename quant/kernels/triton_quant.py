@@ -8,7 +8,9 @@ One program reads a row once when it fits in registers (K <= 16384 covers every 
 otherwise in two passes.
 
 `per_token_quant_gelu` quantizes rows of cat((prefix, gelu_tanh(x)), -1) straight from its two
-sources, so a DiT MLP's GELU output (and Flux's concatenation) is never written (quant/deferred.py)."""
+sources, so a DiT MLP's GELU output (and Flux's concatenation) is never written; `per_token_quant_heads`
+reads an attention output in SDPA's [B, H, L, D] layout, so its transposed copy is never written
+(quant/deferred.py)."""
 from __future__ import annotations
 
 import torch
@@ -18,6 +20,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .. import reference
+from ..deferred import Deferred, DeferredActivation
 from . import interpreted
 from .launch import Launcher, dependent_launch_ok, next_power_of_2
 
@@ -187,9 +190,27 @@ def _prefix_gelu_per_token_kernel(p_ptr, g_ptr, q_ptr, s_ptr, P, G, stride_p, st
     tl.store(s_ptr + row, scale)
 
 
+@triton.jit
+def _heads_per_token_kernel(x_ptr, q_ptr, s_ptr, TOKENS, K, stride_b, stride_h, stride_l, stride_q,
+                            HEAD_DIM: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr,
+                            HW_ROUND: tl.constexpr):
+    # Row (b, l) of out.transpose(1, 2).reshape(B, L, H * D) read straight from out [B, H, L, D]:
+    # column c is head c // D, element c % D (each head's D values are contiguous).
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    src = x_ptr + (row // TOKENS) * stride_b + (row % TOKENS) * stride_l
+    x = tl.load(src + (offs // HEAD_DIM) * stride_h + offs % HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+    scale, inv = _reciprocal_scale(tl.max(tl.abs(x), axis=0), QMAX)
+    tl.store(q_ptr + row * stride_q + offs, _to_q(x * inv, QMAX, IS_INT, HW_ROUND).to(q_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
 _per_token_launch = Launcher(_per_token_kernel)
 _prefix_gelu_launch = Launcher(_prefix_gelu_per_token_kernel)
 _per_group_launch = Launcher(_per_group_kernel)
+_heads_launch = Launcher(_heads_per_token_kernel)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -249,6 +270,42 @@ def per_token_quant_gelu(prefix: torch.Tensor | None, x: torch.Tensor,
                                      x.stride(0), q.stride(0), QMAX=qmax, IS_INT=is_int, BLOCK=2048,
                                      GELU_MIN_BOUND=_GELU_MIN_BOUND, HW_ROUND=not interpreted(), num_warps=8)
     return q, s
+
+
+def heads_fit(heads: torch.Tensor) -> bool:
+    """per_token_quant_heads takes this attention output [B, H, L, D]: each head's values
+    contiguous, and a row (H * D values) that one program holds in registers."""
+    return heads.dim() == 4 and heads.stride(-1) == 1 and heads.shape[1] * heads.shape[3] <= _ONE_PASS_MAX
+
+
+def per_token_quant_heads(heads: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_token_quant(heads.transpose(1, 2).reshape(B * L, H * D), dtype) bit for bit, without
+    writing that transposed copy: heads [B, H, L, D] is an attention output (see heads_fit)."""
+    if not heads_fit(heads):
+        raise ValueError(f"attention output {tuple(heads.shape)} with strides {heads.stride()} is not "
+                         "[B, H, L, D] with contiguous heads and at most 16384 values per token")
+    b, h, tokens, d = heads.shape
+    m, k = b * tokens, h * d
+    q, s, qmax = _per_token_outputs(m, k, dtype, heads.device)
+    if m == 0:
+        return q, s
+    block = next_power_of_2(k)
+    sb, sh, sl, _ = heads.stride()
+    key = (heads.dtype, dtype, tokens, k, d, sb, sh, sl, heads.data_ptr() % 16 == 0, heads.get_device())
+    _heads_launch.launch_keyed(key, (m,), heads, q, s, tokens, k, sb, sh, sl, k, HEAD_DIM=d, QMAX=qmax,
+                               IS_INT=dtype == torch.int8, BLOCK=block, HW_ROUND=not interpreted(),
+                               num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
+    return q, s
+
+
+def per_token_quant_deferred(x: Deferred, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_token_quant(x.rows().materialize(), dtype), reading the activation's own sources: a GELU
+    (and concatenation) applied in the same pass, an attention output read in its head layout."""
+    if isinstance(x, DeferredActivation):
+        return per_token_quant_gelu(x.prefix, x.source, dtype)
+    if heads_fit(x.heads):
+        return per_token_quant_heads(x.heads, dtype)
+    return per_token_quant(x.rows().materialize(), dtype)
 
 
 def per_group_fp8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

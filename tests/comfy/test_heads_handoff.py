@@ -1,0 +1,165 @@
+"""The attention hand-off (nodes/heads_handoff.py) in real ComfyUI Flux and Wan models: where the
+attention hook is set, that Flux's double-block projections receive the attention output in its
+head layout, and that sampling does not change by a single bit with it. On the CPU the reference
+kernel gets ComfyUI's reshaped output; on the GPU (last test) the Triton quantizer reads the heads."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+import tiny_dits
+from tiny_dits import load, quantize, sample
+
+ON_CUDA = os.environ.get("QUANTDIT_COMFY_DEVICE", "cpu") == "cuda"
+HOOK = "optimized_attention_override"
+
+
+@pytest.fixture(scope="module")
+def files(models_dir):
+    return tiny_dits.write(models_dir, "attn", seed=5)
+
+
+@pytest.fixture(autouse=True)
+def pytorch_attention(monkeypatch):
+    """ComfyUI's PyTorch (SDPA) attention in Flux, as ComfyUI picks on CUDA GPUs; on a CPU it picks
+    the sub-quadratic one unless started with --use-pytorch-cross-attention."""
+    monkeypatch.setattr(importlib.import_module("comfy.ldm.flux.math"), "optimized_attention",
+                        importlib.import_module("comfy.ldm.modules.attention").attention_pytorch)
+
+
+def hook(model):
+    return model.model_options.get("transformer_options", {}).get(HOOK)
+
+
+def is_pack_hook(fn):
+    return getattr(fn, "__name__", "") == "attention_heads_handoff" and fn.__module__.endswith("nodes.heads_handoff")
+
+
+def without_hook(model):
+    plain = model.clone()
+    plain.model_options["transformer_options"].pop(HOOK)
+    return plain
+
+
+def seen_inputs(model, names):
+    """{layer name: [type name of each input]} for the quantized layers `names` while sampling."""
+    seen, handles = {n: [] for n in names}, []
+    for n in names:
+        layer = model.object_patches[f"diffusion_model.{n}"]
+        handles.append(layer.register_forward_pre_hook(lambda m, args, n=n: seen[n].append(type(args[0]).__name__)))
+    return seen, handles
+
+
+@pytest.mark.parametrize("scheme", ["int8-w8a8", "fp8-w8a8"])
+def test_flux_projections_that_quantize_per_token_get_the_hook(comfy, files, scheme):
+    q, report = quantize(comfy, load(comfy, files, "flux"), scheme)
+    assert is_pack_hook(hook(q))
+    assert "2 attention output projections quantize their input from the attention's own layout" in report, report
+    q, report = quantize(comfy, load(comfy, files, "flux"), scheme, skip_patterns="img_attn.proj")
+    assert is_pack_hook(hook(q)) and "1 attention output projections" in report
+
+
+@pytest.mark.parametrize("arch,scheme,kw", [("flux", "fp8-block128", {}), ("flux", "int8-weight-only", {}),
+                                            ("flux", "int8-w8a8", {"skip_patterns": "attn.proj"}),
+                                            ("wan", "int8-w8a8", {})])
+def test_no_hook_where_no_flux_projection_takes_it(comfy, files, arch, scheme, kw):
+    model = load(comfy, files, arch)
+    q, report = quantize(comfy, model, scheme, **kw)
+    assert hook(q) is None and hook(model) is None and "attention output" not in report
+
+
+def test_another_nodes_attention_override_stays(comfy, files):
+    model = load(comfy, files, "flux")
+
+    def theirs(func, *args, **kwargs):
+        return func(*args, **kwargs)
+
+    model.model_options.setdefault("transformer_options", {})[HOOK] = theirs
+    q, report = quantize(comfy, model, "int8-w8a8")
+    assert hook(q) is theirs
+    assert "another node overrides ComfyUI's attention" in report, report
+
+
+def test_the_input_model_keeps_no_hook_and_requantizing_keeps_one(comfy, files):
+    model = load(comfy, files, "flux")
+    once, _ = quantize(comfy, model, "int8-w8a8")
+    twice, report = quantize(comfy, once, "fp8-w8a8")
+    assert hook(model) is None and is_pack_hook(hook(twice))
+    assert "another node" not in report
+
+
+def test_double_block_projections_receive_the_head_layout(comfy, files):
+    q, _ = quantize(comfy, load(comfy, files, "flux"), "int8-w8a8")
+    names = ["double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.proj", "single_blocks.0.linear2"]
+    seen, handles = seen_inputs(q, names)
+    try:
+        sample(comfy, files, "flux", q)
+        with_hook = {n: set(v) for n, v in seen.items()}
+        for v in seen.values():
+            v.clear()
+        sample(comfy, files, "flux", without_hook(q))
+        without = {n: set(v) for n, v in seen.items()}
+    finally:
+        for h in handles:
+            h.remove()
+    assert with_hook == {names[0]: {"DeferredHeads"}, names[1]: {"DeferredHeads"},
+                         names[2]: {"DeferredActivation"}}  # the single block's GELU hand-off is kept
+    assert without == {names[0]: {"Tensor"}, names[1]: {"Tensor"}, names[2]: {"DeferredActivation"}}
+
+
+def test_other_attention_functions_are_left_alone(comfy, files, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("comfy.ldm.flux.math"), "optimized_attention",
+                        importlib.import_module("comfy.ldm.modules.attention").attention_sub_quad)
+    q, _ = quantize(comfy, load(comfy, files, "flux"), "int8-w8a8")
+    seen, handles = seen_inputs(q, ["double_blocks.0.img_attn.proj"])
+    try:
+        out = sample(comfy, files, "flux", q)
+    finally:
+        handles[0].remove()
+    assert set(seen["double_blocks.0.img_attn.proj"]) == {"Tensor"}
+    assert torch.equal(out, sample(comfy, files, "flux", without_hook(q)))
+
+
+def test_sampling_is_bit_equal_with_and_without_the_hook(comfy, files):
+    q, _ = quantize(comfy, load(comfy, files, "flux"), "int8-w8a8", backend="triton" if ON_CUDA else "auto")
+    if ON_CUDA:
+        sample(comfy, files, "flux", q)  # warm-up (see test_gelu_handoff)
+    assert torch.equal(sample(comfy, files, "flux", q), sample(comfy, files, "flux", without_hook(q)))
+
+
+# ------------------------------------------------------------------ on the GPU machine
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_CUDA and torch.cuda.is_available()), reason="needs CUDA and QUANTDIT_COMFY_DEVICE=cuda")
+@pytest.mark.parametrize("scheme,backend", [("int8-w8a8", "triton"), ("fp8-w8a8", "triton"), ("int8-w8a8", "vllm"),
+                                            ("fp8-w8a8", "vllm")])
+def test_on_gpu_the_quantizer_reads_the_heads(comfy, files, monkeypatch, scheme, backend):
+    _, pack = comfy
+    why = pack.quant.backends.why_not(backend, pack.quant.schemes.get_scheme(scheme), torch.device("cuda"))
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    triton_quant = importlib.import_module(f"{pack.__name__}.quant.kernels.triton_quant")
+    calls = []
+    fused = triton_quant.per_token_quant_heads
+
+    def counting(heads, dtype):
+        calls.append(tuple(heads.shape))
+        return fused(heads, dtype)
+
+    q, _ = quantize(comfy, load(comfy, files, "flux"), scheme, backend=backend)
+    sample(comfy, files, "flux", q)
+    monkeypatch.setattr(triton_quant, "per_token_quant_heads", counting)
+    out = sample(comfy, files, "flux", q)
+    fused_calls = list(calls)
+    plain = sample(comfy, files, "flux", without_hook(q))
+    assert len(calls) == len(fused_calls)  # without the hook the heads are never read
+    # Per model call the double block's image and text projections.
+    assert fused_calls and len(fused_calls) % 2 == 0
+    print(f"flux {scheme}:{backend}: {len(fused_calls)} head-layout quantizations, relative difference to "
+          f"ComfyUI's reshaped output {float((out - plain).norm() / plain.norm()):.2e}")
+    if backend == "triton":
+        assert torch.equal(out, plain)
+    else:  # vLLM's own quantizer on the plain path rounds some values differently (test_gelu_handoff)
+        assert float((out - plain).norm() / plain.norm()) < {"int8-w8a8": 0.012, "fp8-w8a8": 0.04}[scheme]
