@@ -1,0 +1,98 @@
+"""The attention hand-off (quant/deferred.py's DeferredHeads) at Flux's shapes: from SDPA's output
+[B, H, L, D] to the double block's output projections. bf16 copies the output transposed (ComfyUI's
+`transpose(1, 2).reshape`) and runs the linears; quantized as before, the copy is then read again
+by the per-token quantizer; with the hand-off the quantizer reads the head layout and no copy is
+written. Side by side in one run, GPU time (CUDA graphs, inputs and weights cycled past the L2, as
+bench_gemm.py times them).
+
+    python bench/bench_heads_handoff.py [--schemes int8-w8a8 fp8-w8a8] [--backends triton vllm]
+
+Also checks that the hand-off gives the same output, bit for bit, as the plain path.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_gemm import copies_needed, graph_ms  # noqa: E402
+from quant import reference  # noqa: E402
+from quant.backends import get_backend, why_not  # noqa: E402
+from quant.deferred import DeferredHeads  # noqa: E402
+from quant.schemes import get_scheme  # noqa: E402
+
+HEADS, HEAD_DIM, TEXT, IMAGE = 24, 128, 512, 4096   # Flux at 1024x1024
+# (label, the projections' token ranges in the joint output)
+TAILS = [
+    ("flux double: img proj (its tokens' copy + proj)", [(TEXT, TEXT + IMAGE)]),
+    ("flux double: txt proj (its tokens' copy + proj)", [(0, TEXT)]),
+    ("flux double: the joint output's copy + img proj + txt proj", [(TEXT, TEXT + IMAGE), (0, TEXT)]),
+]
+
+
+def comfy_rows(heads):
+    b, h, tokens, d = heads.shape
+    return heads.transpose(1, 2).reshape(b, tokens, h * d)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--schemes", nargs="*", default=["int8-w8a8", "fp8-w8a8"])
+    p.add_argument("--backends", nargs="*", default=["triton", "vllm"])
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    k = n = HEADS * HEAD_DIM
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timing: graph")
+    torch.manual_seed(0)
+    out = torch.randn(1, HEADS, TEXT + IMAGE, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16) * 0.02
+    copies = copies_needed(out, w, w)
+    outs = [out] + [torch.randn_like(out) for _ in range(copies - 1)]
+    weights = [(w, w.roll(1, 0))] + [(w.roll(2 * i, 0), w.roll(2 * i + 1, 0)) for i in range(1, copies)]
+    for label, ranges in TAILS:
+        if len(ranges) == 1:  # only this projection's tokens, from 0
+            first, last = ranges[0]
+            pick, ranges = (lambda o, a=first, b=last: o[:, :, a:b]), [(0, last - first)]
+        else:
+            pick = lambda o: o  # noqa: E731
+
+        def bf16(o, w_img, w_txt):
+            rows = comfy_rows(pick(o))
+            return [F.linear(rows[:, a:b], wi, bias) for (a, b), wi in zip(ranges, (w_img, w_txt))]
+
+        t_bf16 = graph_ms(bf16, [(o, *wp) for o, wp in zip(outs, weights)])
+        print(f"\n{label}: K={k} N={n}  bf16 {t_bf16 * 1000:.1f} us", flush=True)
+        for scheme_name in a.schemes:
+            scheme = get_scheme(scheme_name)
+            qw = [tuple(reference.quantize_weight(wi.float(), scheme) for wi in wp) for wp in weights]
+            for backend in a.backends:
+                why = why_not(backend, scheme, dev)
+                if why is not None:
+                    print(f"  {scheme_name} {backend}: unavailable ({why})")
+                    continue
+                linear = get_backend(backend).linear
+
+                def run(o, qi, qt, handed_off):
+                    src = DeferredHeads(pick(o)) if handed_off else comfy_rows(pick(o))
+                    return [linear(src[:, a:b].rows() if handed_off else src[:, a:b].reshape(-1, k), *q, bias, scheme, k)
+                            for (a, b), q in zip(ranges, (qi, qt))]
+
+                args = [(o, *q) for o, q in zip(outs, qw)]
+                same = all(torch.equal(x, y) for x, y in zip(run(*args[0], False), run(*args[0], True)))
+                t_u = graph_ms(lambda o, qi, qt: run(o, qi, qt, False), args)
+                t_h = graph_ms(lambda o, qi, qt: run(o, qi, qt, True), args)
+                print(f"  {scheme_name:10} {backend:7} copied then quantized {t_u * 1000:8.1f} us {t_bf16 / t_u:5.2f}x | "
+                      f"quantized from the heads {t_h * 1000:8.1f} us {t_bf16 / t_h:5.2f}x | saves "
+                      f"{(t_u - t_h) * 1000:6.1f} us | bit-equal {same}", flush=True)
+    print("\nRatios: bf16 time / quantized time (activation quant included). One-projection rows copy only "
+          "that projection's tokens; the joint row is what a double block does.")
+
+
+if __name__ == "__main__":
+    main()
