@@ -1,8 +1,9 @@
 """The attention hand-off (quant/deferred.py's DeferredHeads) at Flux's shapes: from SDPA's output
-[B, H, L, D] to the double block's output projections. bf16 copies the output transposed (ComfyUI's
+[B, H, L, D] to the double block's output projections, and to the single block's linear2 (after
+the concatenation with the MLP's GELU). bf16 copies the output transposed (ComfyUI's
 `transpose(1, 2).reshape`) and runs the linears; quantized as before, the copy is then read again
-by the per-token quantizer; with the hand-off the quantizer reads the head layout and no copy is
-written. Side by side in one run, GPU time (CUDA graphs, inputs and weights cycled past the L2, as
+by the per-token quantizer (in the single block with the GELU hand-off already on); with the
+hand-off the quantizer reads the head layout and no copy is written. Side by side in one run, GPU time (CUDA graphs, inputs and weights cycled past the L2, as
 bench_gemm.py times them).
 
     python bench/bench_heads_handoff.py [--schemes int8-w8a8 fp8-w8a8] [--backends triton vllm]
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_gemm import copies_needed, graph_ms  # noqa: E402
 from quant import reference  # noqa: E402
 from quant.backends import get_backend, why_not  # noqa: E402
-from quant.deferred import DeferredHeads  # noqa: E402
+from quant.deferred import DeferredActivation, DeferredHeads  # noqa: E402
 from quant.schemes import get_scheme  # noqa: E402
 
 HEADS, HEAD_DIM, TEXT, IMAGE = 24, 128, 512, 4096   # Flux at 1024x1024
@@ -90,8 +91,46 @@ def main():
                 print(f"  {scheme_name:10} {backend:7} copied then quantized {t_u * 1000:8.1f} us {t_bf16 / t_u:5.2f}x | "
                       f"quantized from the heads {t_h * 1000:8.1f} us {t_bf16 / t_h:5.2f}x | saves "
                       f"{(t_u - t_h) * 1000:6.1f} us | bit-equal {same}", flush=True)
+    single_block(a, dev)
     print("\nRatios: bf16 time / quantized time (activation quant included). One-projection rows copy only "
           "that projection's tokens; the joint row is what a double block does.")
+
+
+def single_block(a, dev):
+    """cat((attention, gelu(mlp)), 2) -> linear2 of a Flux single block at 1024x1024."""
+    tokens, mlp_width, n = TEXT + IMAGE, 4 * HEADS * HEAD_DIM, HEADS * HEAD_DIM
+    k = n + mlp_width
+    out = torch.randn(1, HEADS, tokens, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    mlp = torch.randn(1, tokens, mlp_width, device=dev, dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16) * 0.02
+    copies = copies_needed(out, mlp, w)
+    ins = [(out, mlp)] + [(torch.randn_like(out), torch.randn_like(mlp)) for _ in range(copies - 1)]
+    ws = [w] + [w.roll(i, 0) for i in range(1, copies)]
+    t_bf16 = graph_ms(lambda o, g, wi: F.linear(torch.cat((comfy_rows(o), F.gelu(g, approximate="tanh")), 2), wi, bias),
+                      [(*x, wi) for x, wi in zip(ins, ws)])
+    print(f"\nflux single: attention copy + gelu + cat + linear2: K={k} N={n}  bf16 {t_bf16 * 1000:.1f} us", flush=True)
+    for scheme_name in a.schemes:
+        scheme = get_scheme(scheme_name)
+        qs = [reference.quantize_weight(wi.float(), scheme) for wi in ws]
+        for backend in a.backends:
+            why = why_not(backend, scheme, dev)
+            if why is not None:
+                print(f"  {scheme_name} {backend}: unavailable ({why})")
+                continue
+            linear = get_backend(backend).linear
+
+            def run(o, g, qd, sc, handed_off):
+                prefix = DeferredHeads(o) if handed_off else comfy_rows(o)
+                return linear(DeferredActivation(g, prefix).rows(), qd, sc, bias, scheme, k)
+
+            args = [(*x, *q) for x, q in zip(ins, qs)]
+            same = torch.equal(run(*args[0], False), run(*args[0], True))
+            t_u = graph_ms(lambda o, g, qd, sc: run(o, g, qd, sc, False), args)
+            t_h = graph_ms(lambda o, g, qd, sc: run(o, g, qd, sc, True), args)
+            print(f"  {scheme_name:10} {backend:7} copied, GELU in the quantizer {t_u * 1000:8.1f} us {t_bf16 / t_u:5.2f}x | "
+                  f"heads and GELU in the quantizer {t_h * 1000:8.1f} us {t_bf16 / t_h:5.2f}x | saves "
+                  f"{(t_u - t_h) * 1000:6.1f} us | bit-equal {same}", flush=True)
 
 
 if __name__ == "__main__":

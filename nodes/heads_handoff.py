@@ -1,25 +1,26 @@
-"""Hand Flux's attention output to the output projections' quantizer in SDPA's head layout.
+"""Hand Flux's attention output to the next layer's quantizer in SDPA's head layout.
 
 ComfyUI's PyTorch attention returns `out.transpose(1, 2).reshape(B, L, H * D)`: with the flash and
 cuDNN kernels SDPA's output is [B, H, L, D] in memory, so that reshape copies the whole attention
-output. In a Flux double block the copy is split into text and image tokens and read by the two
-`attn.proj` linears; a per-token W8A8 linear reads it once more to quantize it. Through ComfyUI's
+output, and a per-token W8A8 linear then reads the copy once more to quantize it. In a Flux double
+block the copy is split into text and image tokens for the two `attn.proj` linears; in a single
+block it is concatenated with the MLP's GELU output for `linear2`. Through ComfyUI's
 `optimized_attention_override` hook (transformer_options) the attention returns a `DeferredHeads`
-instead (quant/deferred.py), and the projections' quantizer reads the rows from the head layout.
+instead (quant/deferred.py), and those layers' quantizer reads the rows from the head layout
+(with the GELU hand-off, the single blocks' GELU in the same pass).
 
-Only where the code after the attention is known: ComfyUI's own Flux model, whose double blocks
-slice the output and whose single blocks concatenate it (which computes it first, as before).
-Any other use computes it with ComfyUI's own ops, so results do not change by a bit.
+Only where the code after the attention is known: ComfyUI's own Flux model. Any other use of the
+output computes it with ComfyUI's own ops, so results do not change by a bit.
 """
 from __future__ import annotations
 
 import torch
 
 import comfy.ldm.modules.attention as comfy_attention
-from comfy.ldm.flux.layers import DoubleStreamBlock
+from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
 from comfy.ldm.flux.model import Flux
 
-from ..quant.deferred import DeferredHeads
+from ..quant.deferred import DeferredGelu, DeferredHeads
 from ..quant.report import QuantReport
 from .gelu_handoff import takes_deferred
 
@@ -48,24 +49,27 @@ def attention_heads_handoff(func, *args, **kwargs):
     return func(*args, **kwargs)
 
 
-def _projections(patcher, root: str) -> int:
-    """How many Flux double-block projections (image and text) take a deferred activation."""
+def _readers(patcher, root: str) -> int:
+    """How many layers after a Flux attention would read its output in the head layout: the double
+    blocks' image and text projections, and the single blocks' linear2 whose GELU is handed off."""
     top = patcher.get_model_object(root)
     if type(top) is not Flux:
         return 0
     count = 0
     for name, module in top.named_modules():
+        path = f"{root}.{name}"
         if isinstance(module, DoubleStreamBlock):
-            path = f"{root}.{name}"
             count += sum(takes_deferred(patcher.get_model_object(f"{path}.{stream}_attn.proj"))
                          for stream in ("img", "txt"))
+        elif isinstance(module, SingleStreamBlock):
+            count += isinstance(patcher.get_model_object(f"{path}.mlp_act"), DeferredGelu)
     return count
 
 
 def defer_attention_heads(patcher, report: QuantReport, root: str = "diffusion_model") -> int:
-    """Sets the attention hook on `patcher` (a clone the caller owns) where Flux's projections take
-    it, with a note in `report`; returns how many projections read the head layout."""
-    count = _projections(patcher, root)
+    """Sets the attention hook on `patcher` (a clone the caller owns, after defer_gelus) where Flux's
+    layers take it, with a note in `report`; returns how many layers read the head layout."""
+    count = _readers(patcher, root)
     if not count:
         return 0
     options = patcher.model_options.setdefault("transformer_options", {})
@@ -75,6 +79,6 @@ def defer_attention_heads(patcher, report: QuantReport, root: str = "diffusion_m
                             "before the output projections, as without this pack")
         return 0
     options["optimized_attention_override"] = attention_heads_handoff
-    report.notes.append(f"{count} attention output projections quantize their input from the attention's own "
-                        "layout (its transposed copy is never written)")
+    report.notes.append(f"{count} layers quantize the attention output from the attention's own layout "
+                        "(its transposed copy is never written)")
     return count

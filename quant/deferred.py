@@ -82,7 +82,8 @@ class Deferred(torch.Tensor):
 
 
 class DeferredActivation(Deferred):
-    """cat((prefix, gelu_tanh(source)), -1), or gelu_tanh(source) without a prefix; not computed yet."""
+    """cat((prefix, gelu_tanh(source)), -1), or gelu_tanh(source) without a prefix; not computed yet.
+    The prefix (Flux's attention output) may itself be a DeferredHeads."""
 
     source: torch.Tensor
     prefix: Optional[torch.Tensor]
@@ -100,12 +101,16 @@ class DeferredActivation(Deferred):
 
     def materialize(self) -> torch.Tensor:
         act = torch.nn.functional.gelu(self.source, approximate="tanh")
-        return act if self.prefix is None else torch.cat((self.prefix, act), -1)
+        if self.prefix is None:
+            return act
+        return torch.cat((self.prefix.materialize() if isinstance(self.prefix, Deferred) else self.prefix, act), -1)
 
     def rows(self) -> "DeferredActivation":
         """The same activation as [tokens, features] (views, no copies where the sources allow)."""
         src = self.source.reshape(-1, self.source.shape[-1])
-        pre = None if self.prefix is None else self.prefix.reshape(-1, self.prefix.shape[-1])
+        pre = self.prefix
+        if pre is not None:
+            pre = pre.rows() if isinstance(pre, DeferredHeads) else pre.reshape(-1, pre.shape[-1])
         return DeferredActivation(src, pre)
 
     def __repr__(self):
@@ -147,10 +152,11 @@ class DeferredHeads(Deferred):
 
     @classmethod
     def _answer(cls, func, args, kwargs):
-        # Flux's double blocks split the joint attention output into its text and image tokens.
+        # Flux's double blocks split the joint attention output into its text and image tokens; its
+        # single blocks concatenate it with a deferred GELU.
         if func is torch.Tensor.__getitem__ and not kwargs:
             return _token_slice(*args)
-        return None
+        return _join(*args, **kwargs) if func is torch.cat else None
 
 
 def _token_slice(t: DeferredHeads, index) -> Optional[DeferredHeads]:
@@ -181,11 +187,12 @@ def _writes_in_place(func, args, kwargs) -> bool:
 
 
 def _join(tensors, dim=0, *, out=None) -> Optional[DeferredActivation]:
-    """torch.cat((x, deferred gelu), last dim) as one deferred activation; None for any other cat."""
+    """torch.cat((x, deferred gelu), last dim) as one deferred activation (x may be a DeferredHeads);
+    None for any other cat."""
     if out is not None or len(tensors) != 2:
         return None
     prefix, act = tensors
-    if (not isinstance(act, DeferredActivation) or act.prefix is not None or isinstance(prefix, Deferred)
+    if (not isinstance(act, DeferredActivation) or act.prefix is not None or isinstance(prefix, DeferredActivation)
             or not isinstance(prefix, torch.Tensor)):
         return None
     src = act.source

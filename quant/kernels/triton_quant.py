@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .. import reference
-from ..deferred import Deferred, DeferredActivation
+from ..deferred import Deferred, DeferredActivation, DeferredHeads
 from . import interpreted
 from .launch import Launcher, dependent_launch_ok, next_power_of_2
 
@@ -141,10 +141,25 @@ def _gelu_as_torch(x, dtype: tl.constexpr, HW: tl.constexpr):
 
 
 @triton.jit
-def _prefix_gelu_load(p_row, g_row, col, P, G, HW: tl.constexpr):
+def _heads_row(x_ptr, row, TOKENS, stride_b, stride_l):
+    """Where token `row` of an attention output [B, H, L, D] starts (L = TOKENS)."""
+    return x_ptr + (row // TOKENS) * stride_b + (row % TOKENS) * stride_l
+
+
+@triton.jit
+def _head_cols(col, HEAD_DIM: tl.constexpr, stride_h):
+    """Offsets of a token's columns `col` (head col // D, element col % D) from _heads_row; plain
+    row offsets when HEAD_DIM is 0."""
+    if HEAD_DIM == 0:
+        return col
+    return (col // HEAD_DIM) * stride_h + col % HEAD_DIM
+
+
+@triton.jit
+def _prefix_gelu_load(p_row, g_row, col, P, G, HW: tl.constexpr, P_HEAD_DIM: tl.constexpr, stride_ph):
     """Columns `col` of cat((prefix row, gelu_tanh(g row))) in fp32; 0 beyond the row."""
     in_p = col < P
-    p = tl.load(p_row + col, mask=in_p, other=0.0).to(tl.float32)
+    p = tl.load(p_row + _head_cols(col, P_HEAD_DIM, stride_ph), mask=in_p, other=0.0).to(tl.float32)
     g = tl.load(g_row + (col - P), mask=(col >= P) & (col < P + G), other=0.0)
     return tl.where(in_p, p, _gelu_as_torch(g, g.dtype, HW))
 
@@ -156,18 +171,24 @@ _GELU_MIN_BOUND = 0.171875
 
 @triton.jit
 def _prefix_gelu_per_token_kernel(p_ptr, g_ptr, q_ptr, s_ptr, P, G, stride_p, stride_g, stride_q,
+                                  TOKENS, stride_pb, stride_ph,
                                   QMAX: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr,
-                                  GELU_MIN_BOUND: tl.constexpr, HW_ROUND: tl.constexpr):
+                                  GELU_MIN_BOUND: tl.constexpr, HW_ROUND: tl.constexpr, P_HEAD_DIM: tl.constexpr):
+    # A prefix with P_HEAD_DIM > 0 is an attention output [B, H, L, D] (stride_p: its token stride).
     # The GELU costs more than the memory traffic, so it is computed once per element: the row's
     # amax comes from the plain inputs (pass 1), and only the quantizing pass (2) applies it.
     row = tl.program_id(0).to(tl.int64)
-    p_row = p_ptr + row * stride_p
+    if P_HEAD_DIM == 0:
+        p_row = p_ptr + row * stride_p
+    else:
+        p_row = _heads_row(p_ptr, row, TOKENS, stride_pb, stride_p)
     g_row = g_ptr + row * stride_g
     q_row = q_ptr + row * stride_q
     offs = tl.arange(0, BLOCK)
     p_amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, P, BLOCK):
-        x = tl.load(p_row + start + offs, mask=start + offs < P, other=0.0).to(tl.float32)
+        x = tl.load(p_row + _head_cols(start + offs, P_HEAD_DIM, stride_ph), mask=start + offs < P,
+                    other=0.0).to(tl.float32)
         p_amax = tl.maximum(p_amax, tl.abs(x))
     g_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     for start in range(0, G, BLOCK):
@@ -180,11 +201,12 @@ def _prefix_gelu_per_token_kernel(p_ptr, g_ptr, q_ptr, s_ptr, P, G, stride_p, st
     else:  # every GELU output is small: the negative side may hold the largest, look at all of them
         g_amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, G, BLOCK):
-            g_amax = tl.maximum(g_amax, tl.abs(_prefix_gelu_load(p_row, g_row, P + start + offs, P, G, HW_ROUND)))
+            g_amax = tl.maximum(g_amax, tl.abs(_prefix_gelu_load(p_row, g_row, P + start + offs, P, G, HW_ROUND,
+                                                                       P_HEAD_DIM, stride_ph)))
         amax = tl.maximum(amax, tl.max(g_amax, axis=0))
     scale, inv = _reciprocal_scale(amax, QMAX)
     for start in range(0, P + G, BLOCK):
-        x = _prefix_gelu_load(p_row, g_row, start + offs, P, G, HW_ROUND)
+        x = _prefix_gelu_load(p_row, g_row, start + offs, P, G, HW_ROUND, P_HEAD_DIM, stride_ph)
         q = _to_q(x * inv, QMAX, IS_INT, HW_ROUND)
         tl.store(q_row + start + offs, q.to(q_ptr.dtype.element_ty), mask=start + offs < P + G)
     tl.store(s_ptr + row, scale)
@@ -199,8 +221,8 @@ def _heads_per_token_kernel(x_ptr, q_ptr, s_ptr, TOKENS, K, stride_b, stride_h, 
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
-    src = x_ptr + (row // TOKENS) * stride_b + (row % TOKENS) * stride_l
-    x = tl.load(src + (offs // HEAD_DIM) * stride_h + offs % HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+    src = _heads_row(x_ptr, row, TOKENS, stride_b, stride_l)
+    x = tl.load(src + _head_cols(offs, HEAD_DIM, stride_h), mask=mask, other=0.0).to(tl.float32)
     scale, inv = _reciprocal_scale(tl.max(tl.abs(x), axis=0), QMAX)
     tl.store(q_ptr + row * stride_q + offs, _to_q(x * inv, QMAX, IS_INT, HW_ROUND).to(q_ptr.dtype.element_ty),
              mask=mask)
@@ -246,29 +268,42 @@ def per_token_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     return q, s
 
 
-def per_token_quant_gelu(prefix: torch.Tensor | None, x: torch.Tensor,
+def per_token_quant_gelu(prefix: torch.Tensor | DeferredHeads | None, x: torch.Tensor,
                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """per_token_quant(cat((prefix, gelu_tanh(x)), -1), dtype) (prefix may be None), bit for bit,
-    without writing the GELU output or the concatenation. x [M, G], prefix [M, P], one dtype."""
+    without writing the GELU output or the concatenation. x [M, G], prefix [M, P], one dtype; the
+    prefix may be an attention output still in its head layout (DeferredHeads), read as it lies."""
     x = _rows(x)
-    if prefix is not None:
+    heads = None
+    if isinstance(prefix, DeferredHeads):
+        if prefix.heads.stride(-1) == 1:
+            heads = prefix.heads
+        else:
+            prefix = prefix.rows().materialize()
+    if heads is None and prefix is not None:
         prefix = _rows(prefix)
-        if prefix.shape[0] != x.shape[0] or prefix.dtype != x.dtype:
-            raise ValueError(f"prefix {tuple(prefix.shape)} {prefix.dtype} does not match the GELU input "
-                             f"{tuple(x.shape)} {x.dtype}")
+    p_rows = None if prefix is None else prefix.shape[0] if heads is None else heads.shape[0] * heads.shape[2]
+    if prefix is not None and (p_rows != x.shape[0] or prefix.dtype != x.dtype):
+        raise ValueError(f"prefix {tuple(prefix.shape)} {prefix.dtype} does not match the GELU input "
+                         f"{tuple(x.shape)} {x.dtype}")
     m, g = x.shape
-    p = 0 if prefix is None else prefix.shape[1]
+    p = 0 if prefix is None else prefix.shape[-1]
     q, s, qmax = _per_token_outputs(m, p + g, dtype, x.device)
     if m == 0:
         return q, s
-    is_int = dtype == torch.int8
+    first = x if prefix is None else prefix if heads is None else heads
+    if heads is None:   # plain rows: one token after the other
+        head_dim, tokens, stride_b, stride_h, stride_p = 0, 1, 0, 0, 0 if prefix is None else prefix.stride(0)
+    else:
+        head_dim, tokens = heads.shape[3], heads.shape[2]
+        stride_b, stride_h, stride_p = heads.stride(0), heads.stride(1), heads.stride(2)
+    key = (x.dtype, dtype, prefix is None, p, g, stride_p, x.stride(0), first.data_ptr() % 16 == 0,
+           x.data_ptr() % 16 == 0, x.get_device(), head_dim, tokens, stride_b, stride_h)
     # 2048-wide steps, 8 warps: the fastest on an H100 at Flux's and Wan's widths (measured)
-    first = x if prefix is None else prefix
-    key = (x.dtype, dtype, prefix is None, p, g, first.stride(0), x.stride(0), first.data_ptr() % 16 == 0,
-           x.data_ptr() % 16 == 0, x.get_device())
-    _prefix_gelu_launch.launch_keyed(key, (m,), first, x, q, s, p, g, 0 if prefix is None else prefix.stride(0),
-                                     x.stride(0), q.stride(0), QMAX=qmax, IS_INT=is_int, BLOCK=2048,
-                                     GELU_MIN_BOUND=_GELU_MIN_BOUND, HW_ROUND=not interpreted(), num_warps=8)
+    _prefix_gelu_launch.launch_keyed(key, (m,), first, x, q, s, p, g, stride_p, x.stride(0), q.stride(0), tokens,
+                                     stride_b, stride_h, QMAX=qmax, IS_INT=dtype == torch.int8, BLOCK=2048,
+                                     GELU_MIN_BOUND=_GELU_MIN_BOUND, HW_ROUND=not interpreted(),
+                                     P_HEAD_DIM=head_dim, num_warps=8)
     return q, s
 
 

@@ -44,12 +44,17 @@ def without_hook(model):
     return plain
 
 
+def kind(x):
+    prefix = getattr(x, "prefix", None)
+    return type(x).__name__ + ("" if prefix is None else f"({type(prefix).__name__})")
+
+
 def seen_inputs(model, names):
-    """{layer name: [type name of each input]} for the quantized layers `names` while sampling."""
+    """{layer name: [kind of each input]} for the quantized layers `names` while sampling."""
     seen, handles = {n: [] for n in names}, []
     for n in names:
         layer = model.object_patches[f"diffusion_model.{n}"]
-        handles.append(layer.register_forward_pre_hook(lambda m, args, n=n: seen[n].append(type(args[0]).__name__)))
+        handles.append(layer.register_forward_pre_hook(lambda m, args, n=n: seen[n].append(kind(args[0]))))
     return seen, handles
 
 
@@ -57,13 +62,16 @@ def seen_inputs(model, names):
 def test_flux_projections_that_quantize_per_token_get_the_hook(comfy, files, scheme):
     q, report = quantize(comfy, load(comfy, files, "flux"), scheme)
     assert is_pack_hook(hook(q))
-    assert "2 attention output projections quantize their input from the attention's own layout" in report, report
+    # The double block's two projections and the two single blocks' linear2.
+    assert "4 layers quantize the attention output from the attention's own layout" in report, report
     q, report = quantize(comfy, load(comfy, files, "flux"), scheme, skip_patterns="img_attn.proj")
-    assert is_pack_hook(hook(q)) and "1 attention output projections" in report
+    assert is_pack_hook(hook(q)) and "3 layers quantize the attention output" in report
+    q, report = quantize(comfy, load(comfy, files, "flux"), scheme, skip_patterns="linear2")
+    assert is_pack_hook(hook(q)) and "2 layers quantize the attention output" in report
 
 
 @pytest.mark.parametrize("arch,scheme,kw", [("flux", "fp8-block128", {}), ("flux", "int8-weight-only", {}),
-                                            ("flux", "int8-w8a8", {"skip_patterns": "attn.proj"}),
+                                            ("flux", "int8-w8a8", {"skip_patterns": "attn.proj, linear2"}),
                                             ("wan", "int8-w8a8", {})])
 def test_no_hook_where_no_flux_projection_takes_it(comfy, files, arch, scheme, kw):
     model = load(comfy, files, arch)
@@ -105,9 +113,10 @@ def test_double_block_projections_receive_the_head_layout(comfy, files):
     finally:
         for h in handles:
             h.remove()
+    # The single blocks' linear2 reads cat((attention, GELU)) from the heads and the GELU's input.
     assert with_hook == {names[0]: {"DeferredHeads"}, names[1]: {"DeferredHeads"},
-                         names[2]: {"DeferredActivation"}}  # the single block's GELU hand-off is kept
-    assert without == {names[0]: {"Tensor"}, names[1]: {"Tensor"}, names[2]: {"DeferredActivation"}}
+                         names[2]: {"DeferredActivation(DeferredHeads)"}}
+    assert without == {names[0]: {"Tensor"}, names[1]: {"Tensor"}, names[2]: {"DeferredActivation(Tensor)"}}
 
 
 def test_other_attention_functions_are_left_alone(comfy, files, monkeypatch):
@@ -142,23 +151,32 @@ def test_on_gpu_the_quantizer_reads_the_heads(comfy, files, monkeypatch, scheme,
         pytest.skip(f"{backend}: {why}")
     triton_quant = importlib.import_module(f"{pack.__name__}.quant.kernels.triton_quant")
     calls = []
-    fused = triton_quant.per_token_quant_heads
+    heads_quant, gelu_quant = triton_quant.per_token_quant_heads, triton_quant.per_token_quant_gelu
 
-    def counting(heads, dtype):
-        calls.append(tuple(heads.shape))
-        return fused(heads, dtype)
+    def counting_heads(heads, dtype):
+        calls.append("proj")
+        return heads_quant(heads, dtype)
+
+    def counting_gelu(prefix, x, dtype):
+        calls.append(f"gelu, prefix {type(prefix).__name__}")
+        return gelu_quant(prefix, x, dtype)
 
     q, _ = quantize(comfy, load(comfy, files, "flux"), scheme, backend=backend)
     sample(comfy, files, "flux", q)
-    monkeypatch.setattr(triton_quant, "per_token_quant_heads", counting)
+    monkeypatch.setattr(triton_quant, "per_token_quant_heads", counting_heads)
+    monkeypatch.setattr(triton_quant, "per_token_quant_gelu", counting_gelu)
     out = sample(comfy, files, "flux", q)
     fused_calls = list(calls)
     plain = sample(comfy, files, "flux", without_hook(q))
-    assert len(calls) == len(fused_calls)  # without the hook the heads are never read
-    # Per model call the double block's image and text projections.
-    assert fused_calls and len(fused_calls) % 2 == 0
-    print(f"flux {scheme}:{backend}: {len(fused_calls)} head-layout quantizations, relative difference to "
-          f"ComfyUI's reshaped output {float((out - plain).norm() / plain.norm()):.2e}")
+    plain_calls = calls[len(fused_calls):]
+    # Per model call: the double block's image and text projections read the heads, and the two
+    # single blocks' linear2 read them as the prefix of their GELU; without the hook neither.
+    steps = fused_calls.count("proj") // 2
+    assert steps and fused_calls.count("gelu, prefix DeferredHeads") == 2 * steps
+    assert "proj" not in plain_calls and plain_calls.count("gelu, prefix Tensor") == 2 * steps
+    print(f"flux {scheme}:{backend}: {len(fused_calls)} quantizations, {fused_calls.count('proj')} of projections "
+          f"from the heads; relative difference to ComfyUI's reshaped output "
+          f"{float((out - plain).norm() / plain.norm()):.2e}")
     if backend == "triton":
         assert torch.equal(out, plain)
     else:  # vLLM's own quantizer on the plain path rounds some values differently (test_gelu_handoff)

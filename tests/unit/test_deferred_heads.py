@@ -60,12 +60,26 @@ def test_every_other_use_sees_comfys_reshaped_output(use):
     assert type(out) is torch.Tensor and torch.equal(out, use(comfy_reshape(heads)))
 
 
-def test_concatenated_with_a_deferred_gelu_the_gelu_stays_deferred():
+def test_concatenated_with_a_deferred_gelu_both_stay_deferred():
     """Flux's single blocks: cat((attention, gelu(mlp)), 2) -> linear2."""
-    heads, mlp = _heads(1, 3, 5, 4), _heads(1, 1, 5, 7, seed=1)[:, 0]
+    heads, mlp = _heads(2, 3, 5, 4), _heads(1, 2, 5, 7, seed=1)[0]
     joined = torch.cat((DeferredHeads(heads), DeferredActivation(mlp)), 2)
-    assert isinstance(joined, DeferredActivation) and type(joined.prefix) is torch.Tensor
-    assert torch.equal(joined.prefix, comfy_reshape(heads)) and joined.source is mlp
+    assert isinstance(joined, DeferredActivation) and isinstance(joined.prefix, DeferredHeads)
+    expected = torch.cat((comfy_reshape(heads), torch.nn.functional.gelu(mlp, approximate="tanh")), 2)
+    assert torch.equal(joined.materialize(), expected)
+    rows = joined.rows()
+    assert isinstance(rows.prefix, DeferredHeads) and rows.prefix.shape == (10, 12) and rows.source.shape == (10, 7)
+    assert torch.equal(rows.materialize(), expected.reshape(10, 19))
+    assert torch.equal(joined + 0, expected)  # any other use computes both
+
+
+def test_a_cat_it_cannot_defer_computes_it():
+    heads, other = _heads(1, 3, 5, 4), _heads(1, 1, 5, 7, seed=1)[:, 0]
+    for parts, dim in (((DeferredHeads(heads), other), 2), ((DeferredHeads(heads), DeferredHeads(heads)), 1)):
+        out = torch.cat(parts, dim)
+        assert type(out) is torch.Tensor
+        assert torch.equal(out, torch.cat([comfy_reshape(heads) if isinstance(t, DeferredHeads) else t
+                                           for t in parts], dim))
 
 
 @pytest.mark.parametrize("write", [lambda d: d.mul_(2), lambda d: d.__iadd__(1), lambda d: d.__setitem__(0, 1.0),
@@ -106,6 +120,26 @@ def test_per_token_quant_heads_rejects_what_it_cannot_read():
         triton_quant.per_token_quant_heads(_heads(1, 2, 3, 8).transpose(2, 3), torch.int8)
     q, s = triton_quant.per_token_quant_heads(_heads(1, 2, 0, 8), torch.int8)
     assert q.shape == (0, 16) and s.shape == (0, 1)
+
+
+def _gelu_as_computed(x):
+    from test_deferred import _gelu_as_computed as computed  # the interpreter's GELU, as the kernel has it
+    return computed(x)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize("fmt,dtype", [(reference.INT8, torch.int8), (reference.FP8_E4M3, torch.float8_e4m3fn)])
+@pytest.mark.parametrize("b,tokens,sliced", [(1, 7, False), (2, 5, True)])
+def test_per_token_quant_gelu_reads_a_head_layout_prefix(fmt, dtype, b, tokens, sliced):
+    """Flux's single blocks: the attention output and the GELU quantized in one pass."""
+    heads = _heads(b, 4, tokens + 3, 32)[:, :, 3:] if sliced else _heads(b, 4, tokens, 32)
+    mlp = _heads(1, 1, b * tokens, 300, seed=4)[0, 0]
+    q, s = triton_quant.per_token_quant_gelu(DeferredHeads(heads).rows(), mlp, dtype)
+    plain = torch.cat((comfy_reshape(heads).reshape(b * tokens, 128), _gelu_as_computed(mlp)), 1)
+    rq, rs = reference.quantize_rowwise(plain, fmt)
+    assert torch.equal(s, rs) and torch.equal(q.float(), rq.float())
+    with pytest.raises(ValueError, match="does not match"):
+        triton_quant.per_token_quant_gelu(DeferredHeads(heads).rows(), mlp[1:], dtype)
 
 
 def test_per_token_quant_deferred_reads_what_it_can_and_computes_the_rest():
