@@ -8,14 +8,16 @@ own `fp8_e4m3fn_fast` weight dtype, and this pack's schemes, side by side in one
     python bench/bench_step.py --model flux --variants int8-w8a8:auto --alternate vllm triton
 
 Variants are SCHEME:BACKEND (the Quantize Model node's two widgets), optionally followed by
-`:weight-only-few-rows`, `:no-gelu-handoff` (the node's GELU hand-off patches removed) and/or
+`:weight-only-few-rows`, `:no-gelu-handoff` (the node's GELU hand-off patches removed),
+`:no-heads-handoff` (the attention hand-off's hook removed: ComfyUI copies the attention output) and/or
 `:no-shared-quant` (q, k and v each quantize their common input, as before nodes/shared_quant.py).
 Prints the step time, the ratio to bf16 and to ComfyUI fp8_e4m3fn_fast, DiT block linear-weight
 memory vs bf16, and the cosine similarity of the denoiser output to bf16. Needs CUDA and ComfyUI (QUANTDIT_COMFYUI, default .comfyui).
 
 `--alternate B1 B2 ...` also runs each variant's quantized model (the same weights) under each of
-these backends, switching backend at every step, so a slow spell of the host falls on all of them
-alike: the variants themselves run one after another, and their wall times move with the host.
+these backends (`B:no-heads-handoff`: without the attention hand-off), switching at every step, so
+a slow spell of the host falls on all of them alike: the variants themselves run one after
+another, and their wall times move with the host.
 """
 from __future__ import annotations
 
@@ -80,10 +82,17 @@ def flux_inputs(dev, a):
     return sd, dict(x=x, c_crossattn=context, y=pooled), f"Flux architecture, {a.width}x{a.height} ({tokens} + 512 tokens)"
 
 
-def denoiser_call(model, inputs):
+HOOK = "optimized_attention_override"   # the attention hand-off's (nodes/heads_handoff.py)
+
+
+def denoiser_call(model, inputs, heads_handoff=True):
     """One call of the model's denoiser at a fixed sigma, as a sampler step makes it."""
     sigma = torch.tensor([0.7], device=inputs["x"].device)
     kwargs = {k: v for k, v in inputs.items() if k != "x"}
+    # What a sampler hands the model from its options (the attention hand-off's hook among them).
+    kwargs["transformer_options"] = dict(model.model_options.get("transformer_options", {}))
+    if not heads_handoff:
+        kwargs["transformer_options"].pop(HOOK, None)
     return lambda: model.model.apply_model(inputs["x"], sigma, **kwargs)
 
 
@@ -118,35 +127,37 @@ def use_backend(model, backend):
         m._kernels = m.__dict__.setdefault("_kernels_per_backend", {}).setdefault(backend, {})
 
 
-def alternating_step_times(model, inputs, reps, backends):
-    """backend -> (median seconds of one denoiser call, GPU kernel ms), the backends taking turns
-    at every step on the same loaded model."""
+def alternating_step_times(model, inputs, reps, turns):
+    """turn -> (median seconds of one denoiser call, GPU kernel ms), the turns taking turns at every
+    step on the same loaded model. A turn is a backend, optionally `:no-heads-handoff` (the step
+    without the attention hand-off's hook)."""
     import comfy.model_management as mm
     mm.load_models_gpu([model], force_full_load=True)
-    denoise = denoiser_call(model, inputs)
-    times = {b: [] for b in backends}
+    calls = {t: denoiser_call(model, inputs, heads_handoff=not t.endswith(":no-heads-handoff")) for t in turns}
+    times = {t: [] for t in turns}
     with torch.inference_mode():
         for i in range(reps + 2):  # two warm-up rounds
-            for b in backends:
-                use_backend(model, b)
+            for t in turns:
+                use_backend(model, t.split(":")[0])
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                denoise()
+                calls[t]()
                 torch.cuda.synchronize()
                 if i >= 2:
-                    times[b].append(time.perf_counter() - t0)
+                    times[t].append(time.perf_counter() - t0)
     out = {}
-    for b in backends:
-        use_backend(model, b)
-        out[b] = (sorted(times[b])[len(times[b]) // 2], gpu_kernels(model, inputs)[1] / 1000)
+    for t in turns:
+        use_backend(model, t.split(":")[0])
+        out[t] = (sorted(times[t])[len(times[t]) // 2],
+                  gpu_kernels(model, inputs, not t.endswith(":no-heads-handoff"))[1] / 1000)
     return out
 
 
-def gpu_kernels(model, inputs):
+def gpu_kernels(model, inputs, heads_handoff=True):
     """The GPU kernels of one denoiser call (profiler events), the summed kernel time in us and the
     wall time in us. Kernel time does not depend on how fast the host launches them."""
     from torch.profiler import ProfilerActivity, profile
-    denoise = denoiser_call(model, inputs)
+    denoise = denoiser_call(model, inputs, heads_handoff)
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -204,8 +215,9 @@ def main():
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--variants", nargs="*", default=VARIANTS)
-    p.add_argument("--alternate", nargs="*", default=[], metavar="BACKEND",
-                   help="also run each variant's model under these backends, taking turns at every step")
+    p.add_argument("--alternate", nargs="*", default=[], metavar="BACKEND[:no-heads-handoff]",
+                   help="also run each variant's model under these backends (with or without the attention "
+                        "hand-off), taking turns at every step")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="also profile one step per variant and print its TOP kernels")
     a = p.parse_args()
@@ -234,6 +246,8 @@ def main():
         if "no-gelu-handoff" in flags:  # the GELUs written out, as before the hand-off (nodes/gelu_handoff.py)
             for key in [k for k, v in q.object_patches.items() if type(v).__name__ == "DeferredGelu"]:
                 del q.object_patches[key]
+        if "no-heads-handoff" in flags:  # the attention output copied, as before nodes/heads_handoff.py
+            q.model_options.get("transformer_options", {}).pop(HOOK, None)
         if "no-shared-quant" in flags:  # this variant's own quantized linears: q, k, v quantize x each
             for v in q.object_patches.values():
                 if getattr(v, "quant_share", None) is not None:
