@@ -42,6 +42,26 @@ class Deferred(torch.Tensor):
     but a consuming kernel gets. Subclasses keep their sources as attributes and may answer some
     calls without computing (`_answer`)."""
 
+    @staticmethod
+    def _wrapper(cls, shape, like: torch.Tensor) -> "Deferred":
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=like.dtype, device=like.device)
+        t._meta = (torch.Size(shape), like.dtype, like.device)
+        return t
+
+    # The metadata a quantized linear reads several times per call, as plain attributes: Tensor's
+    # own getters go through __torch_function__, about 2 us each (measured on the CPU).
+    shape = property(lambda self: self._meta[0])
+    dtype = property(lambda self: self._meta[1])
+    device = property(lambda self: self._meta[2])
+    is_cuda = property(lambda self: self._meta[2].type == "cuda")
+    ndim = property(lambda self: len(self._meta[0]))
+
+    def size(self, dim=None):
+        return self._meta[0] if dim is None else self._meta[0][dim]
+
+    def dim(self) -> int:
+        return len(self._meta[0])
+
     def materialize(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -92,8 +112,7 @@ class DeferredActivation(Deferred):
     @staticmethod
     def __new__(cls, source: torch.Tensor, prefix: Optional[torch.Tensor] = None):
         width = source.shape[-1] + (0 if prefix is None else prefix.shape[-1])
-        return torch.Tensor._make_wrapper_subclass(cls, (*source.shape[:-1], width), dtype=source.dtype,
-                                                   device=source.device)
+        return Deferred._wrapper(cls, (*source.shape[:-1], width), source)
 
     def __init__(self, source: torch.Tensor, prefix: Optional[torch.Tensor] = None):
         self.source = source
@@ -133,7 +152,7 @@ class DeferredHeads(Deferred):
     def __new__(cls, heads: torch.Tensor, flat: bool = False):
         b, h, tokens, d = heads.shape
         shape = (b * tokens, h * d) if flat else (b, tokens, h * d)
-        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=heads.dtype, device=heads.device)
+        return Deferred._wrapper(cls, shape, heads)
 
     def __init__(self, heads: torch.Tensor, flat: bool = False):
         self.heads = heads
@@ -147,15 +166,17 @@ class DeferredHeads(Deferred):
     def rows(self) -> "DeferredHeads":
         return DeferredHeads(self.heads, flat=True)
 
+    def __getitem__(self, index):
+        # Flux's double blocks split the joint attention output into its text and image tokens.
+        part = _token_slice(self, index)
+        return part if part is not None else super().__getitem__(index)
+
     def __repr__(self):
         return f"DeferredHeads(shape={tuple(self.shape)}, dtype={self.dtype}, heads={tuple(self.heads.shape)})"
 
     @classmethod
     def _answer(cls, func, args, kwargs):
-        # Flux's double blocks split the joint attention output into its text and image tokens; its
-        # single blocks concatenate it with a deferred GELU.
-        if func is torch.Tensor.__getitem__ and not kwargs:
-            return _token_slice(*args)
+        # Flux's single blocks concatenate it with a deferred GELU.
         return _join(*args, **kwargs) if func is torch.cat else None
 
 
