@@ -71,8 +71,9 @@ class Deferred(torch.Tensor):
 
     @classmethod
     def _answer(cls, func, args, kwargs):
-        """The result of func without computing, or None to compute first."""
-        return None
+        """The result of func without computing, or None to compute first: a deferred GELU after
+        a prefix stays deferred (the cat before Flux's linear2, the attention output as prefix)."""
+        return _join(*args, **kwargs) if func is torch.cat else None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -135,10 +136,6 @@ class DeferredActivation(Deferred):
     def __repr__(self):
         return f"DeferredActivation(shape={tuple(self.shape)}, dtype={self.dtype}, prefix={self.prefix is not None})"
 
-    @classmethod
-    def _answer(cls, func, args, kwargs):
-        return _join(*args, **kwargs) if func is torch.cat else None
-
 
 class DeferredHeads(Deferred):
     """heads.transpose(1, 2).reshape(B, L, H * D) for an attention output heads [B, H, L, D], not
@@ -173,11 +170,6 @@ class DeferredHeads(Deferred):
 
     def __repr__(self):
         return f"DeferredHeads(shape={tuple(self.shape)}, dtype={self.dtype}, heads={tuple(self.heads.shape)})"
-
-    @classmethod
-    def _answer(cls, func, args, kwargs):
-        # Flux's single blocks concatenate it with a deferred GELU.
-        return _join(*args, **kwargs) if func is torch.cat else None
 
 
 def _token_slice(t: DeferredHeads, index) -> Optional[DeferredHeads]:
