@@ -50,10 +50,19 @@ def kind(x):
 
 
 def seen_inputs(model, names):
-    """{layer name: [kind of each input]} for the quantized layers `names` while sampling."""
-    seen, handles = {n: [] for n in names}, []
-    for n in names:
-        layer = model.object_patches[f"diffusion_model.{n}"]
+    """{layer name: [kind of each input]} for the quantized layers `names` (object patches of the
+    Quantize node) while sampling."""
+    return _watch({n: model.object_patches[f"diffusion_model.{n}"] for n in names})
+
+
+def seen_inputs_of(model, names):
+    """seen_inputs for a loaded model, whose quantized layers are its own modules."""
+    return _watch({n: model.get_model_object(f"diffusion_model.{n}") for n in names})
+
+
+def _watch(layers):
+    seen, handles = {n: [] for n in layers}, []
+    for n, layer in layers.items():
         handles.append(layer.register_forward_pre_hook(lambda m, args, n=n: seen[n].append(kind(args[0]))))
     return seen, handles
 
@@ -181,3 +190,26 @@ def test_on_gpu_the_quantizer_reads_the_heads(comfy, files, monkeypatch, scheme,
         assert torch.equal(out, plain)
     else:  # vLLM's own quantizer on the plain path rounds some values differently (test_gelu_handoff)
         assert float((out - plain).norm() / plain.norm()) < {"int8-w8a8": 0.012, "fp8-w8a8": 0.04}[scheme]
+
+
+def test_the_loader_sets_it_for_a_quantized_flux_file(comfy, files, models_dir):
+    """A pre-quantized Flux checkpoint (this pack's converter, LightX2V layout) through the Loader."""
+    from quant.convert import convert  # the converter's CLI code, no ComfyUI needed
+    nodes, _ = comfy
+    name = "attn_flux_int8.safetensors"
+    convert(os.path.join(str(models_dir), files["flux"][0]), os.path.join(str(models_dir), name),
+                               "int8-w8a8")
+    # On CUDA vLLM's own quantizer (auto's pick there) would round the plain path differently.
+    model, report = nodes.NODE_CLASS_MAPPINGS["QuantDiTLoader"].execute(
+        unet_name=name, backend="triton" if ON_CUDA else "auto", compute_dtype="default").result
+    assert is_pack_hook(hook(model))
+    assert "4 layers quantize the attention output from the attention's own layout" in report, report
+    seen, handles = seen_inputs_of(model, ["double_blocks.0.img_attn.proj"])
+    try:
+        if ON_CUDA:
+            sample(comfy, {"flux": (name, files["flux"][1])}, "flux", model)  # warm-up (see test_gelu_handoff)
+        out = sample(comfy, {"flux": (name, files["flux"][1])}, "flux", model)
+    finally:
+        handles[0].remove()
+    assert set(seen["double_blocks.0.img_attn.proj"]) == {"DeferredHeads"}
+    assert torch.equal(out, sample(comfy, {"flux": (name, files["flux"][1])}, "flux", without_hook(model)))
