@@ -38,8 +38,11 @@ def _defers(func, args, kwargs) -> bool:
         return False  # above the batch limit ComfyUI writes the [B, L, H * D] output itself
     if torch.compiler.is_compiling() or (q.requires_grad and torch.is_grad_enabled()):
         return False
-    patches = (kwargs.get("transformer_options") or {}).get("patches", {})
-    return not patches.get("attn1_output_patch")  # a patch of the output would compute it anyway
+    options = kwargs.get("transformer_options") or {}
+    if options.get("patches", {}).get("attn1_output_patch"):
+        return False  # a patch of the output would compute it anyway
+    # A block another node replaces may use the output in ways not checked here (in place).
+    return not options.get("patches_replace", {}).get("dit")
 
 
 def attention_heads_handoff(func, *args, **kwargs):

@@ -128,6 +128,27 @@ def test_double_block_projections_receive_the_head_layout(comfy, files):
     assert without == {names[0]: {"Tensor"}, names[1]: {"Tensor"}, names[2]: {"DeferredActivation(Tensor)"}}
 
 
+@pytest.mark.parametrize("patch", ["attn1_output_patch", "dit block replaced"])
+def test_patched_blocks_get_comfys_output(comfy, files, patch):
+    """Where another node patches the attention output or replaces a block, the code that uses the
+    output is not ComfyUI's own: the hook leaves it copied."""
+    q, _ = quantize(comfy, load(comfy, files, "flux"), "int8-w8a8")
+    patched = q.clone()
+    if patch == "attn1_output_patch":
+        patched.set_model_attn1_output_patch(lambda attn, extra_options: attn)
+    else:
+        patched.set_model_patch_replace(lambda args, extra: extra["original_block"](args), "dit", "double_block", 0)
+    seen, handles = seen_inputs(patched, ["double_blocks.0.img_attn.proj", "single_blocks.0.linear2"])
+    try:
+        out = sample(comfy, files, "flux", patched)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(seen["double_blocks.0.img_attn.proj"]) == {"Tensor"}
+    assert set(seen["single_blocks.0.linear2"]) == {"DeferredActivation(Tensor)"}
+    assert torch.equal(out, sample(comfy, files, "flux", without_hook(patched)))
+
+
 def test_other_attention_functions_are_left_alone(comfy, files, monkeypatch):
     monkeypatch.setattr(importlib.import_module("comfy.ldm.flux.math"), "optimized_attention",
                         importlib.import_module("comfy.ldm.modules.attention").attention_sub_quad)
