@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_gemm import copies_needed, graph_ms  # noqa: E402
 from quant import reference  # noqa: E402
-from quant.backends import get_backend, why_not  # noqa: E402
+from handoff_compare import compare, usable_linears  # noqa: E402
 from quant.deferred import DeferredActivation  # noqa: E402
 from quant.schemes import get_scheme  # noqa: E402
 
@@ -65,12 +65,7 @@ def main():
             scheme = get_scheme(scheme_name)
             qdata, scale = reference.quantize_weight(w.float(), scheme)
             qs = [(qdata, scale)] + [(qdata.clone(), scale.clone()) for _ in range(copies - 1)]
-            for backend in a.backends:
-                why = why_not(backend, scheme, dev)
-                if why is not None:
-                    print(f"  {scheme_name} {backend}: unavailable ({why})")
-                    continue
-                linear = get_backend(backend).linear
+            for backend, linear in usable_linears(scheme_name, scheme, a.backends, dev):
 
                 def unfused(at, pr, qd, sc):
                     return linear(plain_tail(at, pr), qd, sc, bias, scheme, k)
@@ -78,13 +73,8 @@ def main():
                 def handed_off(at, pr, qd, sc):
                     return linear(DeferredActivation(pr, at), qd, sc, bias, scheme, k)
 
-                args = [(*x, *q) for x, q in zip(ins, qs)]
-                same = torch.equal(unfused(*args[0]), handed_off(*args[0]))
-                t_u = graph_ms(unfused, args)
-                t_h = graph_ms(handed_off, args)
-                print(f"  {scheme_name:10} {backend:7} GELU written then quantized {t_u * 1000:8.1f} us "
-                      f"{t_bf16 / t_u:5.2f}x | GELU in the quantizer {t_h * 1000:8.1f} us {t_bf16 / t_h:5.2f}x "
-                      f"| saves {(t_u - t_h) * 1000:6.1f} us | bit-equal {same}", flush=True)
+                compare(f"{scheme_name:10} {backend:7}", unfused, handed_off, [(*x, *q) for x, q in zip(ins, qs)],
+                        t_bf16, ("GELU written then quantized", "GELU in the quantizer"))
             del qs
     print("\nRatios: bf16 tail time / quantized tail time (activation quant included).")
 

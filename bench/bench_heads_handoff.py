@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_gemm import copies_needed, graph_ms  # noqa: E402
 from quant import reference  # noqa: E402
-from quant.backends import get_backend, why_not  # noqa: E402
+from handoff_compare import compare, usable_linears  # noqa: E402
 from quant.deferred import DeferredActivation, DeferredHeads  # noqa: E402
 from quant.schemes import get_scheme  # noqa: E402
 
@@ -72,25 +72,16 @@ def main():
         for scheme_name in a.schemes:
             scheme = get_scheme(scheme_name)
             qw = [tuple(reference.quantize_weight(wi.float(), scheme) for wi in wp) for wp in weights]
-            for backend in a.backends:
-                why = why_not(backend, scheme, dev)
-                if why is not None:
-                    print(f"  {scheme_name} {backend}: unavailable ({why})")
-                    continue
-                linear = get_backend(backend).linear
+            for backend, linear in usable_linears(scheme_name, scheme, a.backends, dev):
 
                 def run(o, qi, qt, handed_off):
                     src = DeferredHeads(pick(o)) if handed_off else comfy_rows(pick(o))
                     return [linear(src[:, a:b].rows() if handed_off else src[:, a:b].reshape(-1, k), *q, bias, scheme, k)
                             for (a, b), q in zip(ranges, (qi, qt))]
 
-                args = [(o, *q) for o, q in zip(outs, qw)]
-                same = all(torch.equal(x, y) for x, y in zip(run(*args[0], False), run(*args[0], True)))
-                t_u = graph_ms(lambda o, qi, qt: run(o, qi, qt, False), args)
-                t_h = graph_ms(lambda o, qi, qt: run(o, qi, qt, True), args)
-                print(f"  {scheme_name:10} {backend:7} copied then quantized {t_u * 1000:8.1f} us {t_bf16 / t_u:5.2f}x | "
-                      f"quantized from the heads {t_h * 1000:8.1f} us {t_bf16 / t_h:5.2f}x | saves "
-                      f"{(t_u - t_h) * 1000:6.1f} us | bit-equal {same}", flush=True)
+                compare(f"{scheme_name:10} {backend:7}", lambda o, qi, qt: run(o, qi, qt, False),
+                        lambda o, qi, qt: run(o, qi, qt, True), [(o, *q) for o, q in zip(outs, qw)], t_bf16,
+                        ("copied then quantized", "quantized from the heads"))
     single_block(a, dev)
     print("\nRatios: bf16 time / quantized time (activation quant included). One-projection rows copy only "
           "that projection's tokens; the joint row is what a double block does.")
@@ -113,24 +104,15 @@ def single_block(a, dev):
     for scheme_name in a.schemes:
         scheme = get_scheme(scheme_name)
         qs = [reference.quantize_weight(wi.float(), scheme) for wi in ws]
-        for backend in a.backends:
-            why = why_not(backend, scheme, dev)
-            if why is not None:
-                print(f"  {scheme_name} {backend}: unavailable ({why})")
-                continue
-            linear = get_backend(backend).linear
+        for backend, linear in usable_linears(scheme_name, scheme, a.backends, dev):
 
             def run(o, g, qd, sc, handed_off):
                 prefix = DeferredHeads(o) if handed_off else comfy_rows(o)
                 return linear(DeferredActivation(g, prefix).rows(), qd, sc, bias, scheme, k)
 
-            args = [(*x, *q) for x, q in zip(ins, qs)]
-            same = torch.equal(run(*args[0], False), run(*args[0], True))
-            t_u = graph_ms(lambda o, g, qd, sc: run(o, g, qd, sc, False), args)
-            t_h = graph_ms(lambda o, g, qd, sc: run(o, g, qd, sc, True), args)
-            print(f"  {scheme_name:10} {backend:7} copied, GELU in the quantizer {t_u * 1000:8.1f} us {t_bf16 / t_u:5.2f}x | "
-                  f"heads and GELU in the quantizer {t_h * 1000:8.1f} us {t_bf16 / t_h:5.2f}x | saves "
-                  f"{(t_u - t_h) * 1000:6.1f} us | bit-equal {same}", flush=True)
+            compare(f"{scheme_name:10} {backend:7}", lambda o, g, qd, sc: run(o, g, qd, sc, False),
+                    lambda o, g, qd, sc: run(o, g, qd, sc, True), [(*x, *q) for x, q in zip(ins, qs)], t_bf16,
+                    ("copied, GELU in the quantizer", "heads and GELU in the quantizer"))
 
 
 if __name__ == "__main__":

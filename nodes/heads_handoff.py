@@ -25,13 +25,12 @@ from ..quant.report import QuantReport
 from .gelu_handoff import takes_deferred
 
 
-def _is_pytorch_attention(func) -> bool:
-    # The hook receives the attention function without ComfyUI's wrapper.
-    return func is getattr(comfy_attention.attention_pytorch, "__wrapped__", None)
+# The hook receives the attention function without ComfyUI's wrapper.
+_PYTORCH_ATTENTION = getattr(comfy_attention.attention_pytorch, "__wrapped__", None)
 
 
 def _defers(func, args, kwargs) -> bool:
-    if not _is_pytorch_attention(func) or not kwargs.get("skip_reshape") or kwargs.get("skip_output_reshape"):
+    if func is not _PYTORCH_ATTENTION or not kwargs.get("skip_reshape") or kwargs.get("skip_output_reshape"):
         return False
     q = args[0] if args else kwargs.get("q")
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[0] > comfy_attention.SDP_BATCH_LIMIT:

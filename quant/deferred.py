@@ -42,7 +42,7 @@ class Deferred(torch.Tensor):
     but a consuming kernel gets. Subclasses keep their sources as attributes and may answer some
     calls without computing (`_answer`)."""
 
-    @staticmethod
+    @classmethod
     def _wrapper(cls, shape, like: torch.Tensor) -> "Deferred":
         t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=like.dtype, device=like.device)
         t._meta = (torch.Size(shape), like.dtype, like.device)
@@ -113,7 +113,7 @@ class DeferredActivation(Deferred):
     @staticmethod
     def __new__(cls, source: torch.Tensor, prefix: Optional[torch.Tensor] = None):
         width = source.shape[-1] + (0 if prefix is None else prefix.shape[-1])
-        return Deferred._wrapper(cls, (*source.shape[:-1], width), source)
+        return cls._wrapper((*source.shape[:-1], width), source)
 
     def __init__(self, source: torch.Tensor, prefix: Optional[torch.Tensor] = None):
         self.source = source
@@ -149,7 +149,7 @@ class DeferredHeads(Deferred):
     def __new__(cls, heads: torch.Tensor, flat: bool = False):
         b, h, tokens, d = heads.shape
         shape = (b * tokens, h * d) if flat else (b, tokens, h * d)
-        return Deferred._wrapper(cls, shape, heads)
+        return cls._wrapper(shape, heads)
 
     def __init__(self, heads: torch.Tensor, flat: bool = False):
         self.heads = heads

@@ -13,6 +13,8 @@ reads an attention output in SDPA's [B, H, L, D] layout, so its transposed copy 
 (quant/deferred.py)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -274,16 +276,12 @@ def per_token_quant_gelu(prefix: torch.Tensor | DeferredHeads | None, x: torch.T
     without writing the GELU output or the concatenation. x [M, G], prefix [M, P], one dtype; the
     prefix may be an attention output still in its head layout (DeferredHeads), read as it lies."""
     x = _rows(x)
-    heads = None
-    if isinstance(prefix, DeferredHeads):
-        if prefix.heads.stride(-1) == 1:
-            heads = prefix.heads
-        else:
-            prefix = prefix.rows().materialize()
+    if isinstance(prefix, DeferredHeads) and prefix.heads.stride(-1) != 1:  # heads the kernel cannot read
+        prefix = prefix.rows().materialize()
+    heads = prefix.heads if isinstance(prefix, DeferredHeads) else None
     if heads is None and prefix is not None:
         prefix = _rows(prefix)
-    p_rows = None if prefix is None else prefix.shape[0] if heads is None else heads.shape[0] * heads.shape[2]
-    if prefix is not None and (p_rows != x.shape[0] or prefix.dtype != x.dtype):
+    if prefix is not None and (math.prod(prefix.shape[:-1]) != x.shape[0] or prefix.dtype != x.dtype):
         raise ValueError(f"prefix {tuple(prefix.shape)} {prefix.dtype} does not match the GELU input "
                          f"{tuple(x.shape)} {x.dtype}")
     m, g = x.shape

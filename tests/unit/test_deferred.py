@@ -190,14 +190,19 @@ def test_triton_linear_takes_the_deferred_activation(scheme_name, with_prefix):
     assert type(y) is torch.Tensor and torch.equal(y, ref)
 
 
-def test_run_linear_computes_it_for_backends_that_do_not_take_it():
+def recording_backend():
+    """A backend that takes no deferred activation, and the types of the inputs its linear got."""
     seen = []
 
     def linear(x2d, qdata, scale, bias, scheme, k):
         seen.append(type(x2d))
         return reference.emulated_linear(x2d, qdata, scale, scheme, bias, k)
 
-    plain_backend = Backend("plain-test", 0, lambda: None, lambda s, d: None, linear)
+    return Backend("plain-test", 0, lambda: None, lambda s, d: None, linear), seen
+
+
+def test_run_linear_computes_it_for_backends_that_do_not_take_it():
+    plain_backend, seen = recording_backend()
     scheme = get_scheme("int8-w8a8")
     x = _t(4, 64).cpu()
     qdata, scale = reference.quantize_weight(_t(8, 64, seed=2).float().cpu() / 8, scheme)

@@ -8,10 +8,10 @@ import torch
 
 from quant import reference
 from quant.backends import get_backend, run_linear
-from quant.backends.registry import Backend
 from quant.deferred import DeferredActivation, DeferredHeads
 from quant.kernels import triton_quant
 from quant.schemes import get_scheme
+from test_deferred import _gelu_as_computed, recording_backend  # the interpreter's GELU, a plain backend
 
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -122,11 +122,6 @@ def test_per_token_quant_heads_rejects_what_it_cannot_read():
     assert q.shape == (0, 16) and s.shape == (0, 1)
 
 
-def _gelu_as_computed(x):
-    from test_deferred import _gelu_as_computed as computed  # the interpreter's GELU, as the kernel has it
-    return computed(x)
-
-
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 @pytest.mark.parametrize("fmt,dtype", [(reference.INT8, torch.int8), (reference.FP8_E4M3, torch.float8_e4m3fn)])
 @pytest.mark.parametrize("b,tokens,sliced", [(1, 7, False), (2, 5, True)])
@@ -165,13 +160,7 @@ def test_triton_linear_takes_the_head_layout(scheme_name):
 
 
 def test_run_linear_computes_it_for_backends_that_do_not_take_it():
-    seen = []
-
-    def linear(x2d, qdata, scale, bias, scheme, k):
-        seen.append(type(x2d))
-        return reference.emulated_linear(x2d, qdata, scale, scheme, bias, k)
-
-    plain_backend = Backend("plain-test", 0, lambda: None, lambda s, d: None, linear)
+    plain_backend, seen = recording_backend()
     scheme = get_scheme("int8-w8a8")
     heads = _heads(1, 2, 3, 32).cpu()
     qdata, scale = reference.quantize_weight(_heads(1, 1, 8, 64, seed=2)[0, 0].float().cpu() / 8, scheme)
