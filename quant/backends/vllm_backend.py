@@ -17,11 +17,10 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import reference
-from ..deferred import Deferred
-from ..kernels import triton_missing
 from ..schemes import Scheme
 from ..shared_quant import QuantizedRows
 from . import marlin_layout as marlin
+from .pack_rows import quantized_by_pack, written
 from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
 _LIB_NAMES = ("_C_stable_libtorch.abi3.so", "_C.abi3.so")
@@ -105,25 +104,11 @@ def _cutlass_ok(k: int, n: int, out_dtype: torch.dtype) -> bool:
     return k % 16 == 0 and n % 16 == 0 and out_dtype in (torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_quant():
-    if triton_missing() is not None:
-        return None
-    from ..kernels import triton_quant
-    return triton_quant
-
-
-def _per_token(x2d: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(x2d, QuantizedRows):      # quantized by a sibling layer reading the same tensor
-        return x2d.q, x2d.scale
-    if isinstance(x2d, Deferred):
-        # A GELU (and concatenation), or an attention output's transposed copy, not yet made: the
-        # pack's Triton quantizer reads the sources in one pass; vLLM's quant ops need it written.
-        tq = _triton_quant()
-        if tq is not None:
-            return tq.per_token_quant_deferred(x2d, dtype)
-        x2d = x2d.materialize()
-    x2d = x2d.contiguous()
+def _per_token(x2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    done = quantized_by_pack(x2d, dtype)
+    if done is not None:
+        return done
+    x2d = written(x2d)
     q = torch.empty(x2d.shape, dtype=dtype, device=x2d.device)
     s = torch.empty((x2d.shape[0], 1), dtype=torch.float32, device=x2d.device)
     if dtype == torch.int8:
