@@ -133,9 +133,9 @@ for _name, _scheme, _backend in [
     ("W-int8-channel-sym-A-int8-channel-sym-dynamic-Vllm", "int8-w8a8", "vllm"),
     ("W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Q8F", "fp8-w8a8", "q8f"),
     ("W-int8-channel-sym-A-int8-channel-sym-dynamic-Q8F", "int8-w8a8", "q8f"),
-    ("W-fp8-block128-sym-A-fp8-channel-group128-sym-dynamic-Deepgemm", "fp8-block128", "deepgemm"),
-    ("W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Sgl", "fp8-w8a8", "sgl"),
-    ("W-int8-channel-sym-A-int8-channel-sym-dynamic-Sgl", "int8-w8a8", "sgl"),
+    ("W-fp8-block128-sym-A-fp8-channel-group128-sym-dynamic-Deepgemm", "fp8-block128", "deep-gemm"),
+    ("W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Sgl", "fp8-w8a8", "sgl-kernel"),
+    ("W-int8-channel-sym-A-int8-channel-sym-dynamic-Sgl", "int8-w8a8", "sgl-kernel"),
     ("W-int8-channel-sym-A-int8-channel-sym-dynamic-Torchao", "int8-w8a8", "torchao"),
     ("W-int4-group128-sym-Marlin", "int4-g128", "vllm"),
 ]:
@@ -143,10 +143,10 @@ for _name, _scheme, _backend in [
 
 for _name, _scheme, _backend in [
     ("fp8-vllm", "fp8-w8a8", "vllm"), ("int8-vllm", "int8-w8a8", "vllm"),
-    ("fp8-sgl", "fp8-w8a8", "sgl"), ("int8-sgl", "int8-w8a8", "sgl"),
+    ("fp8-sgl", "fp8-w8a8", "sgl-kernel"), ("int8-sgl", "int8-w8a8", "sgl-kernel"),
     ("fp8-q8f", "fp8-w8a8", "q8f"), ("int8-q8f", "int8-w8a8", "q8f"),
     ("int8-torchao", "int8-w8a8", "torchao"), ("int4-g128-marlin", "int4-g128", "vllm"),
-    ("fp8-b128-deepgemm", "fp8-block128", "deepgemm"),
+    ("fp8-b128-deepgemm", "fp8-block128", "deep-gemm"),
 ]:
     register_alias(_name, _scheme, _backend, _LIGHTX2V_DIT)
 

@@ -16,7 +16,7 @@ from quant.backends import (comfy_kitchen_backend, deep_gemm_backend, get_backen
                             triton_backend, vllm_backend)
 from quant.backends.optional_import import try_import
 from quant.backends.registry import BackendUnavailableError
-from quant.schemes import get_scheme
+from quant.schemes import get_scheme, list_aliases, resolve
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
@@ -39,6 +39,24 @@ def fake_gpu(monkeypatch, capability, installed):
         monkeypatch.setattr(vllm_backend.torch.ops._C, op, lambda *a: None, raising=False)
 
 
+# LightX2V's Q8F kernels (q8_kernels): no backend of this pack provides them, so auto answers
+NOT_PROVIDED = {"q8f"}
+
+
+def test_every_alias_names_a_backend_of_this_pack():
+    for alias in list_aliases():
+        assert alias.backend is None or alias.backend in registry._BACKENDS or alias.backend in NOT_PROVIDED, alias
+
+
+@pytest.mark.parametrize("alias,backend", [("fp8-sgl", "sgl-kernel"), ("int8-sgl", "sgl-kernel"),
+                                           ("W-int8-channel-sym-A-int8-channel-sym-dynamic-Sgl", "sgl-kernel"),
+                                           ("fp8-b128-deepgemm", "deep-gemm"), ("int8-vllm", "vllm")])
+def test_an_alias_naming_a_kernel_gets_it_where_installed(monkeypatch, alias, backend):
+    fake_gpu(monkeypatch, (9, 0), set(ALL_GPU_BACKENDS))
+    resolved = resolve(alias)
+    assert pick_backend(resolved.scheme, CUDA, resolved.backend).name == backend
+
+
 def test_every_backend_is_listed_with_a_reason_on_this_cpu_machine():
     listed = list_backends()
     assert set(ALL_GPU_BACKENDS) | {"reference"} == set(listed)
@@ -55,11 +73,12 @@ def test_every_backend_is_listed_with_a_reason_on_this_cpu_machine():
     ((9, 0), {"torch", "triton"}, {"fp8-w8a8": "triton", "int8-w8a8": "triton", "fp8-block128": "triton",
                                    "int4-g128": "triton", "fp8-weight-only": "triton",
                                    "int8-weight-only": "triton", "fp8-e5m2-scaled": "triton"}),
-    # everything installed on Hopper: vLLM's CUTLASS kernels win, DeepGEMM is next for blocks; int4
+    # everything installed on Hopper: vLLM's CUTLASS kernels win per-token W8A8, DeepGEMM blocks; int4
     # stays on Triton (Marlin is faster only on few rows), with vLLM's Marlin next
-    ((9, 0), set(ALL_GPU_BACKENDS), {"fp8-w8a8": "vllm", "int8-w8a8": "vllm", "fp8-block128": "vllm",
+    ((9, 0), set(ALL_GPU_BACKENDS), {"fp8-w8a8": "vllm", "int8-w8a8": "vllm", "fp8-block128": "deep-gemm",
                                      "int4-g128": "triton"}),
     ((9, 0), set(ALL_GPU_BACKENDS) - {"triton"}, {"int4-g128": "vllm"}),
+    ((9, 0), set(ALL_GPU_BACKENDS) - {"deep-gemm"}, {"fp8-block128": "vllm"}),
     ((9, 0), set(ALL_GPU_BACKENDS) - {"vllm"}, {"fp8-w8a8": "sgl-kernel", "int8-w8a8": "sgl-kernel",
                                                 "fp8-block128": "deep-gemm"}),
     # Ada (sm89): fp8 works, vLLM's block kernel and DeepGEMM are Hopper-only

@@ -21,9 +21,9 @@ LIGHTX2V_MM = {
     "W-int8-channel-sym-A-int8-channel-sym-dynamic-Vllm": ("int8-w8a8", "vllm"),
     "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Q8F": ("fp8-w8a8", "q8f"),
     "W-int8-channel-sym-A-int8-channel-sym-dynamic-Q8F": ("int8-w8a8", "q8f"),
-    "W-fp8-block128-sym-A-fp8-channel-group128-sym-dynamic-Deepgemm": ("fp8-block128", "deepgemm"),
-    "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Sgl": ("fp8-w8a8", "sgl"),
-    "W-int8-channel-sym-A-int8-channel-sym-dynamic-Sgl": ("int8-w8a8", "sgl"),
+    "W-fp8-block128-sym-A-fp8-channel-group128-sym-dynamic-Deepgemm": ("fp8-block128", "deep-gemm"),
+    "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Sgl": ("fp8-w8a8", "sgl-kernel"),
+    "W-int8-channel-sym-A-int8-channel-sym-dynamic-Sgl": ("int8-w8a8", "sgl-kernel"),
     "W-int8-channel-sym-A-int8-channel-sym-dynamic-Torchao": ("int8-w8a8", "torchao"),
     "W-int4-group128-sym-Marlin": ("int4-g128", "vllm"),
 }
@@ -31,13 +31,13 @@ LIGHTX2V_MM = {
 LIGHTX2V_DIT = {
     "fp8-vllm": ("fp8-w8a8", "vllm"),
     "int8-vllm": ("int8-w8a8", "vllm"),
-    "fp8-sgl": ("fp8-w8a8", "sgl"),
-    "int8-sgl": ("int8-w8a8", "sgl"),
+    "fp8-sgl": ("fp8-w8a8", "sgl-kernel"),
+    "int8-sgl": ("int8-w8a8", "sgl-kernel"),
     "fp8-q8f": ("fp8-w8a8", "q8f"),
     "int8-q8f": ("int8-w8a8", "q8f"),
     "int8-torchao": ("int8-w8a8", "torchao"),
     "int4-g128-marlin": ("int4-g128", "vllm"),
-    "fp8-b128-deepgemm": ("fp8-block128", "deepgemm"),
+    "fp8-b128-deepgemm": ("fp8-block128", "deep-gemm"),
 }
 
 # torchao quantize_component names: no backend preference; bare "int8" is weight-only here.
@@ -147,7 +147,7 @@ def test_encoder_and_common_meanings_of_int8_differ():
 @pytest.mark.parametrize("name,expected", [
     ("fp8-vllm", ("fp8-w8a8", "vllm")),
     ("int4", ("int4-g128", None)),
-    ("W-fp8-block128-sym-A-fp8-channel-group128-sym-dynamic-Deepgemm", ("fp8-block128", "deepgemm")),
+    ("W-fp8-block128-sym-A-fp8-channel-group128-sym-dynamic-Deepgemm", ("fp8-block128", "deep-gemm")),
 ])
 def test_encoder_namespace_falls_back_to_common(name, expected):
     _check(resolve(name, namespace="encoder"), expected, name)
@@ -173,13 +173,13 @@ def test_list_aliases_filters_by_namespace():
 
 @pytest.mark.parametrize("asked,expected", [
     ("FP8-VLLM", ("fp8-w8a8", "vllm")),
-    ("Int8-Sgl", ("int8-w8a8", "sgl")),
+    ("Int8-Sgl", ("int8-w8a8", "sgl-kernel")),
     ("w-fp8-channel-sym-a-fp8-channel-sym-dynamic-vllm", ("fp8-w8a8", "vllm")),
     ("W-INT4-GROUP128-SYM-MARLIN", ("int4-g128", "vllm")),
     ("default", ("none", None)),
     ("FP8-Dynamic", ("fp8-w8a8", None)),
     ("INT8", ("int8-weight-only", None)),
-    ("  fp8-b128-deepgemm  ", ("fp8-block128", "deepgemm")),  # surrounding blanks ignored
+    ("  fp8-b128-deepgemm  ", ("fp8-block128", "deep-gemm")),  # surrounding blanks ignored
 ])
 def test_aliases_are_case_insensitive(asked, expected):
     _check(resolve(asked), expected, asked)
