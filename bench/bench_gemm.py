@@ -215,9 +215,14 @@ def main():
                 for backend, fn in variants_for(scheme, dev, label):
                     if a.variants is not None and backend not in a.variants:
                         continue
-                    y = fn(x, qdata, scale, bias, scheme, k)
-                    t = timer(lambda xi, qi, si: fn(xi, qi, si, bias, scheme, k),
-                              [(xi, *q) for xi, q in zip(xs, qs)]) / getattr(fn, "layers", 1)
+                    try:
+                        y = fn(x, qdata, scale, bias, scheme, k)
+                        t = timer(lambda xi, qi, si: fn(xi, qi, si, bias, scheme, k),
+                                  [(xi, *q) for xi, q in zip(xs, qs)]) / getattr(fn, "layers", 1)
+                    except Exception as e:  # one provider failing (e.g. under graph capture) is a row, not the end
+                        print(f"  {scheme_name:16} {backend:22}  failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}", flush=True)
+                        continue
                     row = dict(model=model, layer=label, m=m, k=k, n=n, scheme=scheme_name, backend=backend,
                                auto=backend == auto, ms=t, bf16_ms=t_bf16, speedup=t_bf16 / t, cos=cos(y, ref),
                                tflops=2 * m * k * n / t / 1e9, timing=a.timing)
