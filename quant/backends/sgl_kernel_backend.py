@@ -15,10 +15,17 @@ from .pack_rows import quantized_by_pack, triton_quant, written
 from .registry import Backend, capability_reason, cuda_capability, cuda_missing, register_backend
 
 _MIN_CAPABILITY = {"int8-w8a8": (8, 0), "fp8-w8a8": (8, 9)}
+_OPS = ("int8_scaled_mm", "fp8_scaled_mm", "sgl_per_token_quant_fp8")
 
 
 def _availability():
-    return try_import("sgl_kernel")[1] or cuda_missing()
+    sgl, why = try_import("sgl_kernel")
+    if why:
+        return why
+    missing = [op for op in _OPS if not hasattr(sgl, op)]
+    if missing:  # a release that renamed or dropped them (0.4.x dropped its dense blockwise GEMM)
+        return f"this sgl-kernel version lacks {', '.join(missing)} (a version this pack does not know)"
+    return cuda_missing()
 
 
 def _supports(scheme: Scheme, device: torch.device):

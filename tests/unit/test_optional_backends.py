@@ -144,6 +144,27 @@ def test_try_import_reports_missing_and_broken_packages(tmp_path, monkeypatch):
     sys.modules.pop("quantdit_broken_pkg", None)
 
 
+def test_an_sgl_kernel_without_the_ops_used_here_says_which(tmp_path, monkeypatch):
+    # A stand-in package on sys.path: sgl-kernel itself needs CUDA and cannot be installed here.
+    pkg = tmp_path / "sgl_kernel"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("def int8_scaled_mm(*a):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try_import.cache_clear()
+    try:
+        why = sgl_kernel_backend._availability()
+        assert "lacks fp8_scaled_mm, sgl_per_token_quant_fp8" in why and "int8_scaled_mm" not in why
+        (pkg / "__init__.py").write_text("def int8_scaled_mm(*a):\n    pass\n\nfp8_scaled_mm = int8_scaled_mm\n"
+                                         "sgl_per_token_quant_fp8 = int8_scaled_mm\n")
+        try_import.cache_clear()
+        sys.modules.pop("sgl_kernel", None)
+        assert sgl_kernel_backend._availability() is None
+    finally:
+        try_import.cache_clear()
+        sys.modules.pop("sgl_kernel", None)
+
+
 def test_vllm_library_discovery_reasons(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(vllm_backend, "_has_ops", lambda: False)
