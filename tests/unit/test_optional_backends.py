@@ -165,6 +165,32 @@ def test_an_sgl_kernel_without_the_ops_used_here_says_which(tmp_path, monkeypatc
         sys.modules.pop("sgl_kernel", None)
 
 
+def test_deep_gemm_gets_whole_blocks_and_the_triton_kernel_the_rest(tmp_path, monkeypatch):
+    # A stand-in deep_gemm on sys.path records its calls: DeepGEMM itself needs a Hopper GPU and nvcc.
+    pkg = tmp_path / "deep_gemm"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("calls = []\n\ndef fp8_gemm_nt(a, b, d):\n    calls.append(tuple(d.shape))\n"
+                                     "    d.zero_()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try_import.cache_clear()
+    try:
+        scheme = get_scheme("fp8-block128")
+        g = torch.Generator().manual_seed(0)
+        for k, n, to_deep_gemm in [(256, 128, True), (300, 128, False), (256, 200, False)]:
+            x = (torch.randn(5, k, generator=g) * 3).to(torch.bfloat16)
+            wq, ws = reference.quantize_weight(torch.randn(n, k, generator=g) / k ** 0.5, scheme)
+            y = deep_gemm_backend._linear(x, wq, ws, None, scheme, k)
+            calls = try_import("deep_gemm")[0].calls
+            if to_deep_gemm:
+                assert calls == [(5, n)] and not y.any()
+                calls.clear()
+            else:
+                assert calls == [] and torch.equal(y, get_backend("triton").linear(x, wq, ws, None, scheme, k))
+    finally:
+        try_import.cache_clear()
+        sys.modules.pop("deep_gemm", None)
+
+
 def test_vllm_library_discovery_reasons(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(vllm_backend, "_has_ops", lambda: False)
