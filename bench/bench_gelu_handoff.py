@@ -9,7 +9,6 @@ Also checks that the hand-off gives the same output, bit for bit, as the unfused
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_gemm import copies_needed, graph_ms  # noqa: E402
 from quant import reference  # noqa: E402
-from handoff_compare import compare, usable_linears  # noqa: E402
+from handoff_compare import compare, options, usable_linears  # noqa: E402
 from quant.deferred import DeferredActivation  # noqa: E402
 from quant.schemes import get_scheme  # noqa: E402
 
@@ -39,12 +38,8 @@ def plain_tail(attn, pre):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--schemes", nargs="*", default=["int8-w8a8", "fp8-w8a8"])
-    p.add_argument("--backends", nargs="*", default=["triton", "vllm"])
-    a = p.parse_args()
+    a = options()
     dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timing: graph")
     for label, m, pw, g, width, n in TAILS:
         torch.manual_seed(0)
         k = pw + g

@@ -12,7 +12,6 @@ Also checks that the hand-off gives the same output, bit for bit, as the plain p
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_gemm import copies_needed, graph_ms  # noqa: E402
 from quant import reference  # noqa: E402
-from handoff_compare import compare, usable_linears  # noqa: E402
+from handoff_compare import compare, options, usable_linears  # noqa: E402
 from quant.deferred import DeferredActivation, DeferredHeads  # noqa: E402
 from quant.schemes import get_scheme  # noqa: E402
 
@@ -42,13 +41,9 @@ def comfy_rows(heads):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--schemes", nargs="*", default=["int8-w8a8", "fp8-w8a8"])
-    p.add_argument("--backends", nargs="*", default=["triton", "vllm"])
-    a = p.parse_args()
+    a = options()
     dev = torch.device("cuda")
     k = n = HEADS * HEAD_DIM
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timing: graph")
     torch.manual_seed(0)
     out = torch.randn(1, HEADS, TEXT + IMAGE, HEAD_DIM, device=dev, dtype=torch.bfloat16)
     w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)

@@ -1,11 +1,23 @@
-"""What the hand-off benchmarks (bench_gelu_handoff.py, bench_heads_handoff.py) share: the backends
-that run a scheme, and one side-by-side line of the plain and the handed-off path."""
+"""What the hand-off benchmarks (bench_gelu_handoff.py, bench_heads_handoff.py) share: their options,
+the backends that run a scheme, and one side-by-side line of the plain and the handed-off path."""
 from __future__ import annotations
+
+import argparse
 
 import torch
 
 from bench_gemm import graph_ms
 from quant.backends import get_backend, why_not
+
+
+def options():
+    """The parsed --schemes / --backends, after printing the run's header line."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--schemes", nargs="*", default=["int8-w8a8", "fp8-w8a8"])
+    p.add_argument("--backends", nargs="*", default=["triton", "vllm"])
+    a = p.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timing: graph")
+    return a
 
 
 def usable_linears(scheme_name: str, scheme, backends, dev):
