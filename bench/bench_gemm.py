@@ -12,7 +12,8 @@ Timing (`--timing`):
 - `eager`: triton.testing.do_bench (L2 flushed, launches from Python). At small shapes this
   measures the launch overhead of Python as much as the kernels.
 
-    python bench/bench_gemm.py [--models wan14b flux few-rows] [--schemes fp8-w8a8 ...] [--timing graph|eager]
+    python bench/bench_gemm.py [--models wan14b flux few-rows comfyui-text] [--schemes fp8-w8a8 ...]
+                               [--timing graph|eager]
                                [--tokens 1024 2048 ...] [--variants triton vllm ...]
 
 `--tokens` runs the chosen models' layers at these token counts instead of their own (to find where
@@ -54,6 +55,12 @@ SHAPES = {
                  ("wan time_projection (M=2)", 2, 5120, 30720), ("16 rows", 16, 3072, 18432),
                  ("wan ctx k/v (M=512)", 512, 5120, 5120), ("flux txt qkv (M=512)", 512, 3072, 9216),
                  ("flux txt mlp.2 (M=512)", 512, 12288, 3072)],
+    # The text/context layers at the rows ComfyUI gives them: its Flux T5 prompt is padded to 256
+    # tokens (not the 512 of the reference code); Wan's umT5 context to 512, which sampling with CFG
+    # batches as cond + uncond.
+    "comfyui-text": [("flux txt qkv (M=256)", 256, 3072, 9216), ("flux txt proj (M=256)", 256, 3072, 3072),
+                     ("flux txt mlp.0 (M=256)", 256, 3072, 12288), ("flux txt mlp.2 (M=256)", 256, 12288, 3072),
+                     ("wan ctx k/v, CFG batch (M=1024)", 1024, 5120, 5120), ("wan ctx k/v (M=512)", 512, 5120, 5120)],
 }
 SCHEMES = ["fp8-w8a8", "int8-w8a8", "fp8-block128", "int4-g128", "fp8-weight-only", "int8-weight-only"]
 BACKENDS = [b for b in sorted(list_backends(), key=lambda b: -get_backend(b).priority) if b != "reference"]
@@ -155,12 +162,34 @@ def sharing_one_quant(backend, layers):
     return run
 
 
+def one_gemm_for_two(backend):
+    """Two sibling linears reading one input as one GEMM over their stacked weights, as
+    nodes/fused_pairs.py runs Wan's cross-attention k and v: one quant, one GEMM twice as wide.
+    main() reports half its time, per layer, against one bf16 layer (ComfyUI runs two)."""
+    b = get_backend(backend)
+    stacks = {}  # weight -> (stacked weight, scales, bias), made on the first (uncaptured) call
+
+    def run(x, qdata, scale, bias, scheme, k):
+        key = qdata.data_ptr()
+        if key not in stacks:
+            raw = qdata.view(torch.uint8)  # roll and cat by bytes: not every op takes float8
+            stacked = torch.cat([raw, raw.roll(1, 0)]).view(qdata.dtype)
+            stacks[key] = (stacked, torch.cat([scale, scale]),
+                           None if bias is None else torch.cat([bias, bias]))
+        return b.linear(x, *stacks[key], scheme, k)[:, :qdata.shape[0]]
+    run.layers = 2
+    return run
+
+
 def variants_for(scheme, dev, label):
     out = [(b, get_backend(b).linear) for b in BACKENDS if why_not(b, scheme, dev) is None]
     layers = next((n for name, n in SHARED_INPUT_LAYERS.items() if name in label), 0)
     if layers and consumes_deferred(scheme):  # the per-token W8A8 schemes, the ones nodes/shared_quant.py shares
-        out += [(f"{b}-{layers}-share-quant", sharing_one_quant(b, layers)) for b, _ in list(out)
+        singles = list(out)
+        out += [(f"{b}-{layers}-share-quant", sharing_one_quant(b, layers)) for b, _ in singles
                 if get_backend(b).row_quantizer is not None]
+        if layers == 2:  # the context k/v pair
+            out += [(f"{b}-one-gemm-for-2", one_gemm_for_two(b)) for b, _ in singles]
     if why_not("triton", scheme, dev) is None:
         if scheme.name == "fp8-w8a8":
             out.append(("triton-own-gemm", own_fp8_gemm))
@@ -231,7 +260,8 @@ def main():
                           f"{row['speedup']:5.2f}x  {row['tflops']:6.0f} TFLOP/s  cos {row['cos']:.5f}", flush=True)
                 del qs
     print("\n* = the backend 'auto' picks. Speed-up = bf16 ms / quantized ms, activation quant included "
-          "(-N-share-quant: N sibling layers quantize their common input once; per layer).")
+          "(-N-share-quant: N sibling layers quantize their common input once; -one-gemm-for-2: two sibling "
+          "layers run as one GEMM over their stacked weights; both per layer).")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -40,7 +40,8 @@ class QuantizedRows:
         return self.q.device
 
 
-def _version(x: torch.Tensor) -> Optional[int]:
+def version_of(x: torch.Tensor) -> Optional[int]:
+    """The version counter of x (bumped by in-place writes); None for inference tensors, which have none."""
     return None if x.is_inference() else x._version
 
 
@@ -58,7 +59,7 @@ class SharedQuant:
         """The quantized rows of `x2d` (a [tokens, in] view of `source`, the tensor the layer was
         handed) for a quantizer named by `key`: the stored ones when they were made from this very
         `source` by the same quantizer, else fresh ones, which replace them."""
-        stamp = (key, _version(source), x2d.shape)
+        stamp = (key, version_of(source), x2d.shape)
         if self._source is not None and self._source() is source and self._stamp == stamp:
             self.hits += 1
             return self._rows
