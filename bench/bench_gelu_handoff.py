@@ -28,6 +28,7 @@ from quant.schemes import get_scheme  # noqa: E402
 TAILS = [
     ("flux single: gelu+cat+linear2", 4608, 3072, 12288, 21504, 3072),
     ("flux double: img mlp.1+mlp.2", 4096, 0, 12288, 12288, 3072),
+    ("flux double: txt mlp.1+mlp.2, ComfyUI's 256 text tokens", 256, 0, 12288, 12288, 3072),
     ("wan14b: ffn.1+ffn.2", 32760, 0, 13824, 13824, 5120),
 ]
 

@@ -6,7 +6,7 @@ by the per-token quantizer (in the single block with the GELU hand-off already o
 hand-off the quantizer reads the head layout and no copy is written. Side by side in one run, GPU time (CUDA graphs, inputs and weights cycled past the L2, as
 bench_gemm.py times them).
 
-    python bench/bench_heads_handoff.py [--schemes int8-w8a8 fp8-w8a8] [--backends triton vllm]
+    python bench/bench_heads_handoff.py [--schemes int8-w8a8 fp8-w8a8] [--backends triton vllm] [--text-tokens 256]
 
 Also checks that the hand-off gives the same output, bit for bit, as the plain path.
 """
@@ -26,13 +26,16 @@ from handoff_compare import compare, options, usable_linears  # noqa: E402
 from quant.deferred import DeferredActivation, DeferredHeads  # noqa: E402
 from quant.schemes import get_scheme  # noqa: E402
 
-HEADS, HEAD_DIM, TEXT, IMAGE = 24, 128, 512, 4096   # Flux at 1024x1024
-# (label, the projections' token ranges in the joint output)
-TAILS = [
-    ("flux double: img proj (its tokens' copy + proj)", [(TEXT, TEXT + IMAGE)]),
-    ("flux double: txt proj (its tokens' copy + proj)", [(0, TEXT)]),
-    ("flux double: the joint output's copy + img proj + txt proj", [(TEXT, TEXT + IMAGE), (0, TEXT)]),
-]
+HEADS, HEAD_DIM, IMAGE = 24, 128, 4096   # Flux at 1024x1024
+# Text tokens: 512 in the reference code, 256 for ComfyUI's Flux prompts (its T5 pads to 256).
+TEXT_TOKENS = 512
+
+
+def tails(text):
+    """(label, the projections' token ranges in the joint output)"""
+    return [("flux double: img proj (its tokens' copy + proj)", [(text, text + IMAGE)]),
+            ("flux double: txt proj (its tokens' copy + proj)", [(0, text)]),
+            ("flux double: the joint output's copy + img proj + txt proj", [(text, text + IMAGE), (0, text)])]
 
 
 def comfy_rows(heads):
@@ -41,17 +44,19 @@ def comfy_rows(heads):
 
 
 def main():
-    a = options()
+    a = options(lambda p: p.add_argument("--text-tokens", type=int, default=TEXT_TOKENS,
+                                         help="Flux's text tokens (ComfyUI pads prompts to 256)"))
     dev = torch.device("cuda")
     k = n = HEADS * HEAD_DIM
     torch.manual_seed(0)
-    out = torch.randn(1, HEADS, TEXT + IMAGE, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    text = a.text_tokens
+    out = torch.randn(1, HEADS, text + IMAGE, HEAD_DIM, device=dev, dtype=torch.bfloat16)
     w = (torch.randn(n, k, device=dev) / k ** 0.5).to(torch.bfloat16)
     bias = torch.randn(n, device=dev, dtype=torch.bfloat16) * 0.02
     copies = copies_needed(out, w, w)
     outs = [out] + [torch.randn_like(out) for _ in range(copies - 1)]
     weights = [(w, w.roll(1, 0))] + [(w.roll(2 * i, 0), w.roll(2 * i + 1, 0)) for i in range(1, copies)]
-    for label, ranges in TAILS:
+    for label, ranges in tails(text):
         if len(ranges) == 1:  # only this projection's tokens, from 0
             first, last = ranges[0]
             pick, ranges = (lambda o, a=first, b=last: o[:, :, a:b]), [(0, last - first)]
@@ -77,14 +82,14 @@ def main():
                 compare(f"{scheme_name:10} {backend:7}", lambda o, qi, qt: run(o, qi, qt, False),
                         lambda o, qi, qt: run(o, qi, qt, True), [(o, *q) for o, q in zip(outs, qw)], t_bf16,
                         ("copied then quantized", "quantized from the heads"))
-    single_block(a, dev)
+    single_block(a, dev, text)
     print("\nRatios: bf16 time / quantized time (activation quant included). One-projection rows copy only "
           "that projection's tokens; the joint row is what a double block does.")
 
 
-def single_block(a, dev):
+def single_block(a, dev, text):
     """cat((attention, gelu(mlp)), 2) -> linear2 of a Flux single block at 1024x1024."""
-    tokens, mlp_width, n = TEXT + IMAGE, 4 * HEADS * HEAD_DIM, HEADS * HEAD_DIM
+    tokens, mlp_width, n = text + IMAGE, 4 * HEADS * HEAD_DIM, HEADS * HEAD_DIM
     k = n + mlp_width
     out = torch.randn(1, HEADS, tokens, HEAD_DIM, device=dev, dtype=torch.bfloat16)
     mlp = torch.randn(1, tokens, mlp_width, device=dev, dtype=torch.bfloat16)

@@ -10,11 +10,14 @@ from bench_gemm import graph_ms
 from quant.backends import get_backend, why_not
 
 
-def options():
-    """The parsed --schemes / --backends, after printing the run's header line."""
+def options(more=None):
+    """The parsed --schemes / --backends (and what `more(parser)` adds), after printing the run's
+    header line."""
     p = argparse.ArgumentParser()
     p.add_argument("--schemes", nargs="*", default=["int8-w8a8", "fp8-w8a8"])
     p.add_argument("--backends", nargs="*", default=["triton", "vllm"])
+    if more is not None:
+        more(p)
     a = p.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timing: graph")
     return a
