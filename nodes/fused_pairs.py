@@ -4,8 +4,9 @@ Both linears of a pair read the same context tensor, back to back: 512 text toke
 (1024 rows with ComfyUI's cond/uncond batch), 257 image tokens. At so few rows one 5120-wide GEMM
 leaves much of a large GPU idle in its last round of tiles, and each linear pays its own launches;
 one GEMM over the stacked [k; v] weight fills it. Measured on an H100 at 1024 rows (graph timing,
-activation quant included, bench/bench_gemm.py --models comfyui-text): one 10240-wide W8A8 GEMM
-took 85-90 us against 155 us for ComfyUI's two bf16 GEMMs; the two quantized GEMMs took 104-112 us.
+activation quant included, bench/bench_gemm.py --models comfyui-text, README): one 10240-wide W8A8
+GEMM took 84-88 us against 153 us for ComfyUI's two bf16 GEMMs; two quantized GEMMs sharing one
+quant took 96-101 us.
 
 The first member called computes both outputs, returns its own and keeps its sibling's, which the
 sibling takes if it is handed that same tensor object (a weak reference, as in SharedQuant); any
@@ -95,7 +96,8 @@ class FusedPair:
         # Small ([out] each): stacked once per (scales, biases, device, dtype), not per call.
         first, second = self.members
         parts = (first.current_scale(), second.current_scale(), first.bias, second.bias)
-        key = (tuple(None if t is None else (id(t), t.data_ptr(), version_of(t), t.device) for t in parts), device, dtype)
+        stamps = tuple(None if t is None else (id(t), t.data_ptr(), version_of(t), t.device) for t in parts)
+        key = (stamps, device, dtype)
         if self._small is None or self._small[0] != key:
             if any(s.numel() != m.out_features for m, s in zip(self.members, parts[:2])):
                 return None  # not one scale per output channel: nothing to stack
