@@ -12,7 +12,7 @@ Timing (`--timing`):
 - `eager`: triton.testing.do_bench (L2 flushed, launches from Python). At small shapes this
   measures the launch overhead of Python as much as the kernels.
 
-    python bench/bench_gemm.py [--models wan14b flux few-rows comfyui-text] [--schemes fp8-w8a8 ...]
+    python bench/bench_gemm.py [--models wan14b flux few-rows comfyui-text qwen-image] [--schemes fp8-w8a8 ...]
                                [--timing graph|eager]
                                [--tokens 1024 2048 ...] [--variants triton vllm ...]
 
@@ -61,6 +61,10 @@ SHAPES = {
     "comfyui-text": [("flux txt qkv (M=256)", 256, 3072, 9216), ("flux txt proj (M=256)", 256, 3072, 3072),
                      ("flux txt mlp.0 (M=256)", 256, 3072, 12288), ("flux txt mlp.2 (M=256)", 256, 12288, 3072),
                      ("wan ctx k/v, CFG batch (M=1024)", 1024, 5120, 5120), ("wan ctx k/v (M=512)", 512, 5120, 5120)],
+    # Qwen-Image at 1024x1024: its joint attention's image and text projections, three on one input
+    # each (a prompt of about 256 tokens).
+    "qwen-image": [("img q,k,v (to_q, to_k, to_v)", 4096, 3072, 3072),
+                   ("txt q,k,v (add_q/k/v_proj, M=256)", 256, 3072, 3072)],
 }
 SCHEMES = ["fp8-w8a8", "int8-w8a8", "fp8-block128", "int4-g128", "fp8-weight-only", "int8-weight-only"]
 BACKENDS = [b for b in sorted(list_backends(), key=lambda b: -get_backend(b).priority) if b != "reference"]
@@ -141,8 +145,10 @@ def with_flag(fn, name, value, module="triton_gemm"):
 
 
 # Layers whose label names siblings reading one input, and how many share its quant (nodes/shared_quant.py):
-# Wan's self-attention q, k, v; its cross-attention k, v on the text context.
+# Wan's self-attention q, k, v; its cross-attention k, v on the text context; Qwen-Image's trios.
 SHARED_INPUT_LAYERS = {"q,k,v": 3, "k/v": 2}
+# Those that nodes/fused_siblings.py also runs as one GEMM (not Wan's self-attention, see there).
+ONE_GEMM_LABELS = ("wan ctx k/v", "img q,k,v (to_q", "txt q,k,v (add_")
 
 
 def sharing_one_quant(backend, layers):
@@ -162,10 +168,10 @@ def sharing_one_quant(backend, layers):
     return run
 
 
-def one_gemm_for_two(backend):
-    """Two sibling linears reading one input as one GEMM over their stacked weights, as
-    nodes/fused_pairs.py runs Wan's cross-attention k and v: one quant, one GEMM twice as wide.
-    main() reports half its time, per layer, against one bf16 layer (ComfyUI runs two)."""
+def one_gemm_for(backend, layers):
+    """`layers` sibling linears reading one input as one GEMM over their stacked weights, as
+    nodes/fused_siblings.py runs them: one quant, one GEMM `layers` times as wide. main() reports
+    its time divided by `layers`, per layer, against one bf16 layer (ComfyUI runs them one by one)."""
     b = get_backend(backend)
     stacks = {}  # weight -> (stacked weight, scales, bias), made on the first (uncaptured) call
 
@@ -173,11 +179,10 @@ def one_gemm_for_two(backend):
         key = qdata.data_ptr()
         if key not in stacks:
             raw = qdata.view(torch.uint8)  # roll and cat by bytes: not every op takes float8
-            stacked = torch.cat([raw, raw.roll(1, 0)]).view(qdata.dtype)
-            stacks[key] = (stacked, torch.cat([scale, scale]),
-                           None if bias is None else torch.cat([bias, bias]))
+            stacked = torch.cat([raw.roll(i, 0) for i in range(layers)]).view(qdata.dtype)
+            stacks[key] = (stacked, torch.cat([scale] * layers), None if bias is None else torch.cat([bias] * layers))
         return b.linear(x, *stacks[key], scheme, k)[:, :qdata.shape[0]]
-    run.layers = 2
+    run.layers = layers
     return run
 
 
@@ -188,8 +193,8 @@ def variants_for(scheme, dev, label):
         singles = list(out)
         out += [(f"{b}-{layers}-share-quant", sharing_one_quant(b, layers)) for b, _ in singles
                 if get_backend(b).row_quantizer is not None]
-        if layers == 2:  # the context k/v pair
-            out += [(f"{b}-one-gemm-for-2", one_gemm_for_two(b)) for b, _ in singles]
+        if any(name in label for name in ONE_GEMM_LABELS):
+            out += [(f"{b}-one-gemm-for-{layers}", one_gemm_for(b, layers)) for b, _ in singles]
     if why_not("triton", scheme, dev) is None:
         if scheme.name == "fp8-w8a8":
             out.append(("triton-own-gemm", own_fp8_gemm))
@@ -260,7 +265,7 @@ def main():
                           f"{row['speedup']:5.2f}x  {row['tflops']:6.0f} TFLOP/s  cos {row['cos']:.5f}", flush=True)
                 del qs
     print("\n* = the backend 'auto' picks. Speed-up = bf16 ms / quantized ms, activation quant included "
-          "(-N-share-quant: N sibling layers quantize their common input once; -one-gemm-for-2: two sibling "
+          "(-N-share-quant: N sibling layers quantize their common input once; -one-gemm-for-N: N sibling "
           "layers run as one GEMM over their stacked weights; both per layer).")
     if a.out:
         with open(a.out, "w") as f:

@@ -15,7 +15,7 @@ from ..quant.formats.load import layout_of, load_checkpoint
 from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import get_scheme
-from .fused_pairs import fuse_context_pairs
+from .fused_siblings import fuse_sibling_linears
 from .gelu_handoff import defer_gelus
 from .heads_handoff import defer_attention_heads
 from .ops import make_quant_ops
@@ -55,7 +55,7 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
     defer_gelus(model, report)
     defer_attention_heads(model, report)
     share_row_quant(model, report)
-    fuse_context_pairs(model, report)
+    fuse_sibling_linears(model, report)
     describe_kernels(report, model.load_device, backend)
     return model, report
 

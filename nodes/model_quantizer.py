@@ -18,7 +18,7 @@ from ..quant.filters import LayerFilter, is_modulation
 from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import ResolvedScheme, weight_only_partner
-from .fused_pairs import fuse_context_pairs
+from .fused_siblings import fuse_sibling_linears
 from .gelu_handoff import defer_gelus
 from .heads_handoff import defer_attention_heads
 from .ops import QuantizedLinear, QuantLinearMixin
@@ -89,7 +89,7 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
         defer_gelus(out, report, root)
         defer_attention_heads(out, report, root)
         share_row_quant(out, report, root)
-        fuse_context_pairs(out, report, root)
+        fuse_sibling_linears(out, report, root)
     for s, n in sorted(modulation.items()):
         report.notes.append(f"{n} modulation (adaLN) layers run {s} (one row per sample)")
     for reason, n in sorted(skipped.items()):

@@ -24,7 +24,7 @@ class QuantLinearMixin:
     quant_scheme: Scheme | None = None
     quant_backend_pref: str | None = None
     quant_share: SharedQuant | None = None     # set on q/k/v siblings (nodes/shared_quant.py)
-    quant_pair = None                          # a FusedPair on context k/v siblings (nodes/fused_pairs.py)
+    quant_fused = None                         # a FusedSiblings on k/v or q/k/v siblings (nodes/fused_siblings.py)
 
     def quant_setup(self, scheme: Scheme, qdata: torch.Tensor, scale: torch.Tensor):
         self.quant_scheme = scheme
@@ -55,9 +55,9 @@ class QuantLinearMixin:
             bias = comfy.model_management.cast_to_device(bias, dev, x.dtype)
         if len(self.weight_function) or len(self.bias_function):
             return self._patched_forward(x, qdata, scale, bias)
-        pair = self.quant_pair
-        if pair is not None:
-            kept = pair.take(self, x)  # a sibling already computed this layer's output for x
+        fused = self.quant_fused
+        if fused is not None:
+            kept = fused.take(self, x)  # a sibling already computed this layer's output for x
             if kept is not None:
                 return kept
         k = self.in_features
@@ -70,7 +70,7 @@ class QuantLinearMixin:
         backend = self._kernel(dev, x2d.shape[0])
         if self.quant_share is not None:
             x2d = self._shared_rows(x, x2d, backend)
-        y = None if pair is None else pair.run(self, x, x2d, backend)
+        y = None if fused is None else fused.run(self, x, x2d, backend)
         if y is None:
             y = run_linear(x2d, qdata, scale, bias, self.quant_scheme, k, backend)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
@@ -100,7 +100,7 @@ class QuantLinearMixin:
     _patched: tuple | None = None
 
     def replace_weight(self, data: torch.Tensor) -> None:
-        """The same quantized values held in `data` (a FusedPair's shared buffer); a LoRA-patched
+        """The same quantized values held in `data` (a slice of a FusedSiblings buffer); a LoRA-patched
         weight keeps its patched scale."""
         patched = self._patched is not None and self._patched[0] is self.weight
         self.weight = torch.nn.Parameter(data, requires_grad=False)
@@ -111,7 +111,7 @@ class QuantLinearMixin:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         w = destination.get(prefix + "weight")
         if w is not None and w.untyped_storage().nbytes() != w.numel() * w.element_size():
-            # Half of a FusedPair's buffer: safetensors refuses tensors that share memory.
+            # A slice of a FusedSiblings buffer: safetensors refuses tensors that share memory.
             destination[prefix + "weight"] = w.detach().clone()
 
     def current_scale(self) -> torch.Tensor:

@@ -83,7 +83,7 @@ def test_sampling_is_bit_equal_and_the_shared_input_is_quantized_once(comfy, fil
     finally:
         hook.remove()
     # Per model call and block: self-attention's k and v reuse q's rows. Cross-attention's v quantizes
-    # nothing: k computed its output in their fused GEMM (nodes/fused_pairs.py); its q reads the
+    # nothing: k computed its output in their one GEMM (nodes/fused_siblings.py); its q reads the
     # video tokens, not the context.
     assert model_calls and sum(s.hits for s in shared) == 2 * 2 * len(model_calls)
     assert all(not s.holds for s in shared)  # no 8-bit copy outlives the activation it came from

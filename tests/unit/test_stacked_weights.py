@@ -1,4 +1,4 @@
-"""quant/stacked_weights.py: when two weights can run as one [a; b] GEMM operand without a copy."""
+"""quant/stacked_weights.py: when weights can run as one stacked GEMM operand without a copy."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +13,14 @@ def test_halves_of_one_buffer_stack_into_a_view_of_it():
     view = stacked(a, b)
     assert view is not None and torch.equal(view, buf)
     assert view.data_ptr() == buf.data_ptr() and view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+
+
+def test_three_consecutive_slices_stack_and_a_gap_between_any_two_does_not():
+    buf = torch.arange(9 * 4, dtype=torch.int8).reshape(9, 4)
+    assert torch.equal(stacked(buf[:2], buf[2:5], buf[5:]), buf)
+    assert stacked(buf[:2], buf[2:5], buf[6:]) is None
+    assert stacked(buf[:2], buf[3:5], buf[5:]) is None
+    assert stacked(buf[:2]) is None  # one weight is not a group
 
 
 @pytest.mark.parametrize("case", ["separate", "reversed", "gap", "width", "dtype", "strided"])
@@ -36,6 +44,13 @@ def test_into_one_buffer_copies_both_and_the_halves_stack():
     assert torch.equal(ha, a) and torch.equal(hb, b)
     assert ha.data_ptr() != a.data_ptr()  # copies: the sources are left as they are
     assert torch.equal(stacked(ha, hb), torch.cat([a, b]))
+
+
+def test_into_one_buffer_takes_any_number_of_weights():
+    parts = [torch.randn(n, 8) for n in (3, 1, 4)]
+    pieces = into_one_buffer(*parts)
+    assert all(torch.equal(a, b) for a, b in zip(pieces, parts))
+    assert torch.equal(stacked(*pieces), torch.cat(parts))
 
 
 def test_into_one_buffer_in_inference_mode_gives_ordinary_tensors():
