@@ -107,13 +107,6 @@ class QuantLinearMixin:
         if patched:
             self._patched = (self.weight, self._patched[1])
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        w = destination.get(prefix + "weight")
-        if w is not None and w.untyped_storage().nbytes() != w.numel() * w.element_size():
-            # A slice of a FusedSiblings buffer: safetensors refuses tensors that share memory.
-            destination[prefix + "weight"] = w.detach().clone()
-
     def current_scale(self) -> torch.Tensor:
         if self._patched is not None and self._patched[0] is self.weight:
             return self._patched[1]
