@@ -9,8 +9,10 @@ own `fp8_e4m3fn_fast` weight dtype, and this pack's schemes, side by side in one
 
 Variants are SCHEME:BACKEND (the Quantize Model node's two widgets), optionally followed by
 `:weight-only-few-rows`, `:no-gelu-handoff` (the node's GELU hand-off patches removed),
-`:no-heads-handoff` (the attention hand-off's hook removed: ComfyUI copies the attention output) and/or
-`:no-shared-quant` (q, k and v each quantize their common input, as before nodes/shared_quant.py).
+`:no-heads-handoff` (the attention hand-off's hook removed: ComfyUI copies the attention output),
+`:no-shared-quant` (q, k and v each quantize their common input, as before nodes/shared_quant.py) and/or
+`:no-fused-siblings` (Wan's context k/v, Qwen-Image's q/k/v each run their own GEMM, as before
+nodes/fused_siblings.py).
 Prints the step time, the ratio to bf16 and to ComfyUI fp8_e4m3fn_fast, DiT block linear-weight
 memory vs bf16, and the cosine similarity of the denoiser output to bf16. Needs CUDA and ComfyUI (QUANTDIT_COMFYUI, default .comfyui).
 
@@ -252,6 +254,10 @@ def main():
             for v in q.object_patches.values():
                 if getattr(v, "quant_share", None) is not None:
                     v.quant_share = None
+        if "no-fused-siblings" in flags:  # each sibling its own GEMM, as before nodes/fused_siblings.py
+            for v in q.object_patches.values():
+                if getattr(v, "quant_fused", None) is not None:
+                    v.quant_fused = None
         qt, out = step_time(q, inputs, a.reps)
         kernel = [ln.split("kernel: ")[1].rstrip(")") for ln in report.splitlines() if "kernel: " in ln]
         rows.append((variant, qt, gpu_kernels(q, inputs)[1], linear_bytes(q), _cos(out, ref_out),
