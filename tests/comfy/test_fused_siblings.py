@@ -15,7 +15,7 @@ import tiny_dits
 import wan_fixtures
 from quant.schemes import get_scheme
 from quant.stacked_weights import stacked
-from tiny_dits import load, quantize, sample
+from tiny_dits import attached, load, quantize, sample, sharing
 
 ON_CUDA = os.environ.get("QUANTDIT_COMFY_DEVICE", "cpu") == "cuda"
 DEV = torch.device("cuda" if ON_CUDA else "cpu")
@@ -27,26 +27,11 @@ def files(models_dir):
 
 
 def groups(model):
-    """{module path: its FusedSiblings} of every quantized linear (object patch or loaded module) in one."""
-    found = {}
-    for key, obj in model.object_patches.items():
-        if getattr(obj, "quant_fused", None) is not None:
-            found[key[len("diffusion_model."):]] = obj.quant_fused
-    for name, module in model.model.diffusion_model.named_modules():
-        if getattr(module, "quant_fused", None) is not None:
-            found.setdefault(name, module.quant_fused)
-    return found
+    return attached(model, "quant_fused")
 
 
 def members(model):
-    return sorted(sorted(names) for names in _by_group(model).values())
-
-
-def _by_group(model):
-    out = {}
-    for name, group in groups(model).items():
-        out.setdefault(id(group), []).append(name)
-    return out
+    return sharing(model, "quant_fused")
 
 
 @pytest.mark.parametrize("scheme", ["int8-w8a8", "fp8-w8a8"])
@@ -70,7 +55,7 @@ def test_flux_has_no_groups_and_a_sibling_left_in_bf16_breaks_its_group(comfy, f
 
 
 def _group_modules(q):
-    return [[q.get_model_object(f"diffusion_model.{n}") for n in names] for names in _by_group(q).values()]
+    return [[q.get_model_object(f"diffusion_model.{n}") for n in names] for names in members(q)]
 
 
 @pytest.mark.parametrize("scheme", ["int8-w8a8", "fp8-w8a8"])

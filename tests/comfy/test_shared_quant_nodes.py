@@ -11,7 +11,7 @@ import torch
 
 import tiny_dits
 import wan_fixtures
-from tiny_dits import load, quantize, sample
+from tiny_dits import attached, load, quantize, sample, sharing
 
 ON_CUDA = os.environ.get("QUANTDIT_COMFY_DEVICE", "cpu") == "cuda"
 
@@ -22,22 +22,11 @@ def files(models_dir):
 
 
 def slots(model):
-    """{module path: slot} of every quantized linear (object patch or loaded module) that has one."""
-    found = {}
-    for key, obj in model.object_patches.items():
-        if getattr(obj, "quant_share", None) is not None:
-            found[key[len("diffusion_model."):]] = obj.quant_share
-    for name, module in model.model.diffusion_model.named_modules():
-        if getattr(module, "quant_share", None) is not None:
-            found.setdefault(name, module.quant_share)
-    return found
+    return attached(model, "quant_share")
 
 
 def groups(model):
-    by_slot = {}
-    for name, slot in slots(model).items():
-        by_slot.setdefault(id(slot), []).append(name)
-    return sorted(sorted(names) for names in by_slot.values())
+    return sharing(model, "quant_share")
 
 
 WAN_GROUPS = [[f"blocks.{b}.{attn}.{p}" for p in ("k", "q", "v")] for b in (0, 1)

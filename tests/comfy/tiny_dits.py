@@ -35,3 +35,24 @@ def sample(comfy, files, arch, model):
     (out,) = nodes.KSampler().sample(model, 5, 2, 2.0, "euler", "simple", fx.conditioning(1), fx.conditioning(2),
                                      fx.latent(), denoise=1.0)
     return out["samples"].float()
+
+
+def attached(model, attr: str) -> dict:
+    """{module path under diffusion_model: its `attr`} of every quantized linear (object patch or
+    loaded module) whose `attr` (quant_share, quant_fused) is set."""
+    found = {}
+    for key, obj in model.object_patches.items():
+        if getattr(obj, attr, None) is not None:
+            found[key[len("diffusion_model."):]] = getattr(obj, attr)
+    for name, module in model.model.diffusion_model.named_modules():
+        if getattr(module, attr, None) is not None:
+            found.setdefault(name, getattr(module, attr))
+    return found
+
+
+def sharing(model, attr: str) -> list:
+    """The sorted module paths of each object in attached(model, attr), sorted."""
+    by_object = {}
+    for name, obj in attached(model, attr).items():
+        by_object.setdefault(id(obj), []).append(name)
+    return sorted(sorted(names) for names in by_object.values())
