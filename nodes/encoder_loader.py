@@ -15,6 +15,7 @@ from ..quant.errors import CheckpointError
 from ..quant.report import describe_kernels
 from ..quant.schemes import get_scheme
 from .dit_loader import build_report
+from .dynamic_vram import legacy_patcher
 from .ops import QuantizedLinear, make_quant_ops
 from .tokenizers import find_umt5_tokenizer
 
@@ -75,7 +76,8 @@ def build_t5_clip(ckpt: EncoderCheckpoint, config: dict, spiece, backend: str = 
                # anything reaches the GPU, so VRAM never holds a bf16-sized copy.
                "initial_device": comfy.model_management.text_encoder_offload_device()}
     clip = comfy.sd.CLIP(Target, tokenizer_data={"spiece_model": spiece},
-                         parameters=sum(t.numel() for t in ckpt.state_dict.values()), model_options=options)
+                         parameters=sum(t.numel() for t in ckpt.state_dict.values()), model_options=options,
+                         disable_dynamic=True)  # quantized layers stay out of DynamicVRAM (nodes/dynamic_vram.py)
     missing, _ = clip.load_sd(ckpt.state_dict)
     _check_complete(ckpt, missing, set(ckpt.layers), "umT5 encoder")
     unclaimed = sorted(set(ckpt.layers) - ops.loaded_layers)
@@ -90,6 +92,7 @@ def load_quantized_clip_vision(path: str, backend: str = "auto"):
     ckpt = load_encoder(path, CLIP_VISION)
     config = _config(ckpt, clip_vision.config_from_shapes)
     model = comfy.clip_vision.ClipVisionModel(config)
+    model.patcher = legacy_patcher(model.patcher)
     pref = None if backend == "auto" else backend
     sd = dict(ckpt.state_dict)
     for name, q in ckpt.layers.items():

@@ -110,6 +110,7 @@ class QuantDiTQuantizeTextEncoder(io.ComfyNode):
         patcher, report = _quantize_encoder(clip.patcher, scheme, backend, skip_patterns, "Quantize Text Encoder")
         out = clip.clone()
         out.patcher = patcher
+        out.cond_stage_model = patcher.model  # a fresh load when the input was under DynamicVRAM
         return io.NodeOutput(out, report.text())
 
 
@@ -134,4 +135,5 @@ class QuantDiTQuantizeCLIPVision(io.ComfyNode):
                                             "Quantize CLIP Vision")
         out = copy.copy(clip_vision)  # shares the model; the clone patcher swaps layers in at load
         out.patcher = patcher
+        out.model = patcher.model
         return io.NodeOutput(out, report.text())

@@ -18,6 +18,7 @@ from ..quant.filters import LayerFilter, is_modulation
 from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import ResolvedScheme, weight_only_partner
+from .dynamic_vram import non_dynamic
 from .fused_siblings import fuse_sibling_linears
 from .gelu_handoff import defer_gelus
 from .heads_handoff import defer_attention_heads
@@ -45,10 +46,12 @@ def _patch_key(root: str, name: str) -> str:
 def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: LayerFilter,
                    title: str, root: str = ROOT):
     """`model` is a ModelPatcher; `root` names the module inside it whose Linears are quantized
-    ("" for the whole patched model, as for text encoders)."""
+    ("" for the whole patched model, as for text encoders). The result is never a DynamicVRAM
+    patcher (see nodes/dynamic_vram.py); its `.model` may be a fresh load of the input's file."""
     scheme = resolved.scheme
     # 'auto' keeps the alias's kernel (e.g. 'vllm' from int8-vllm); it falls back visibly when missing.
     pref = resolved.backend if backend == "auto" else backend
+    model = non_dynamic(model)
     out = model.clone()
     _release_patched_weights(model)
     report = QuantReport(source=title, layout=f"runtime {scheme.name}")

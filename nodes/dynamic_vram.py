@@ -1,0 +1,33 @@
+"""Keep this pack's quantized layers out of ComfyUI's DynamicVRAM.
+
+ComfyUI 0.30 loads models through ModelPatcherDynamic (comfy-aimdo) by default on NVIDIA. It leaves
+each module that has `comfy_cast_weights` on the CPU and expects the module's forward to fetch its
+weight through comfy.ops.cast_bias_weight, applying LoRA to that fetched weight as floats. A quantized
+linear reads its 8-bit weight and scale itself and must requantize a LoRA-patched weight, so it
+would copy its weight to the GPU on every call there. Every patcher holding quantized layers is
+therefore a legacy ModelPatcher: ComfyUI moves their weights to the GPU once per load (part of them
+under lowvram), as it did before DynamicVRAM.
+"""
+from __future__ import annotations
+
+import comfy.model_patcher
+
+
+def non_dynamic(patcher):
+    """`patcher` itself, or when it is dynamic, a legacy clone of it. Core loaders record how to load
+    their file again, and the clone gets that fresh copy (as ComfyUI's own TorchCompileModel does);
+    other loaders' models are shared with the dynamic patcher."""
+    if not patcher.is_dynamic():
+        return patcher
+    if patcher.cached_patcher_init is not None:
+        return patcher.get_non_dynamic_delegate()
+    return patcher.clone(disable_dynamic=True, model_override=patcher.get_clone_model_override())
+
+
+def legacy_patcher(patcher):
+    """A legacy patcher over the modules of `patcher`, for models this pack built itself (nothing
+    else holds them yet)."""
+    if not patcher.is_dynamic():
+        return patcher
+    return comfy.model_patcher.ModelPatcher(patcher.model, load_device=patcher.load_device,
+                                            offload_device=patcher.offload_device)

@@ -1,0 +1,105 @@
+"""Run by test_dynamic_vram_gpu.py in a process of its own, on the GPU machine: starts ComfyUI's
+DynamicVRAM (comfy-aimdo) as ComfyUI's main.py does on NVIDIA, makes this pack's quantized models
+from core loaders and from its own, runs them, and prints one JSON line of what it saw."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+COMFY = os.environ.get("QUANTDIT_COMFYUI", os.path.join(ROOT, ".comfyui"))
+sys.path[:0] = [COMFY, ROOT, HERE]
+
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = False
+import comfy_aimdo.control  # noqa: E402
+
+for kwargs in (dict(simple_vram_headroom=None, nvml_pressure=True), dict(simple_vram_headroom=None), {}):
+    try:  # the protocols of comfy-aimdo 0.4.11, 0.4.10 and 0.4.9, newest first (as main.py tries them)
+        comfy_aimdo.control.init(**kwargs)
+        break
+    except TypeError:
+        continue
+
+import torch  # noqa: E402
+
+import comfy.memory_management  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+
+devices = comfy.model_management.get_all_torch_devices()
+try:
+    aimdo = comfy_aimdo.control.init_devices((d.index, int(args.vram_headroom * 1024 ** 3)) for d in devices)
+except TypeError:
+    aimdo = comfy_aimdo.control.init_devices(d.index for d in devices)
+if aimdo:
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+assert asyncio.run(nodes.load_custom_node(ROOT))
+
+import encoder_fixtures  # noqa: E402
+import tiny_dits  # noqa: E402
+from scripts.tiny_models import clip_l_text, save  # noqa: E402
+
+work = tempfile.mkdtemp()
+for kind in ("diffusion_models", "text_encoders"):
+    os.makedirs(os.path.join(work, kind))
+    folder_paths.add_model_folder_path(kind, os.path.join(work, kind), is_default=True)
+files = tiny_dits.write(os.path.join(work, "diffusion_models"), "probe", seed=4)
+t5_names = encoder_fixtures.write_t5_files(os.path.join(work, "text_encoders"))
+save(clip_l_text(), os.path.join(work, "text_encoders", "probe_clip_l.safetensors"))
+
+
+def watch(patcher, root=""):
+    """Records where each quantized linear's weight is when it runs."""
+    seen = []
+    for module in patcher.object_patches.values():
+        if getattr(module, "quant_scheme", None) is not None:
+            module.register_forward_pre_hook(lambda m, a: seen.append(str(m.weight.device)))
+    for module in patcher.model.modules():
+        if getattr(module, "quant_scheme", None) is not None:
+            module.register_forward_pre_hook(lambda m, a: seen.append(str(m.weight.device)))
+    return seen
+
+
+def node(name, **kw):
+    return tuple(nodes.NODE_CLASS_MAPPINGS[name].execute(**kw).result)
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+out = {"aimdo": bool(aimdo)}
+dit = tiny_dits.load((nodes, None), files, "wan")
+out["unet_loader_patcher"] = type(dit).__name__
+quantized, _ = tiny_dits.quantize((nodes, None), dit, "int8-w8a8")
+out["quantized_patcher"] = type(quantized).__name__
+seen = watch(quantized)
+base = tiny_dits.sample((nodes, None), files, "wan", dit)
+out["dit_rel_err"] = rel_err(tiny_dits.sample((nodes, None), files, "wan", quantized), base)
+out["dit_weight_devices"] = sorted(set(seen))
+
+clip, _ = node("QuantDiTT5Loader", clip_name=t5_names["int8"], backend="auto")
+out["t5_loader_patcher"] = type(clip.patcher).__name__
+seen = watch(clip.patcher)
+out["t5_finite"] = bool(nodes.CLIPTextEncode().encode(clip, "a cat")[0][0][0].isfinite().all())
+out["t5_weight_devices"] = sorted(set(seen))
+
+(clip_l,) = nodes.CLIPLoader().load_clip("probe_clip_l.safetensors", "stable_diffusion")
+out["clip_loader_patcher"] = type(clip_l.patcher).__name__
+base = nodes.CLIPTextEncode().encode(clip_l, "a cat")[0][0][0]
+quantized_clip, _ = node("QuantDiTQuantizeTextEncoder", clip=clip_l, scheme="int8")
+out["quantized_clip_patcher"] = type(quantized_clip.patcher).__name__
+seen = watch(quantized_clip.patcher)
+out["clip_rel_err"] = rel_err(nodes.CLIPTextEncode().encode(quantized_clip, "a cat")[0][0][0], base)
+out["clip_weight_devices"] = sorted(set(seen))
+torch.cuda.synchronize()
+print("PROBE " + json.dumps(out))
