@@ -7,6 +7,7 @@ One layer is quantized at a time, so peak extra memory is the quantized model pl
 """
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 
 import torch
@@ -53,6 +54,9 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
     pref = resolved.backend if backend == "auto" else backend
     model = non_dynamic(model)
     out = model.clone()
+    # Its weights differ from the input's: without a uuid of its own, ComfyUI would take the input's
+    # loaded weights as this clone's and never move the quantized layers to the GPU.
+    out.patches_uuid = uuid.uuid4()
     _release_patched_weights(model)
     report = QuantReport(source=title, layout=f"runtime {scheme.name}")
     skipped: Counter[str] = Counter()
