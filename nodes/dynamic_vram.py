@@ -10,7 +10,24 @@ under lowvram), as it did before DynamicVRAM.
 """
 from __future__ import annotations
 
+import contextlib
+
+import comfy.memory_management
 import comfy.model_patcher
+
+
+@contextlib.contextmanager
+def built_as_without_dynamic_vram():
+    """While DynamicVRAM is on, ComfyUI builds even a non-dynamic model lazily: its weights stay in
+    the file's dtype for the dynamic loader to cast at each call. A legacy patcher does not cast
+    them (a Wan DiT then fails with "Half and BFloat16"), so its copy is built as ComfyUI builds
+    models without DynamicVRAM."""
+    saved = comfy.memory_management.aimdo_enabled
+    comfy.memory_management.aimdo_enabled = False
+    try:
+        yield
+    finally:
+        comfy.memory_management.aimdo_enabled = saved
 
 
 def non_dynamic(patcher):
@@ -20,7 +37,8 @@ def non_dynamic(patcher):
     if not patcher.is_dynamic():
         return patcher
     if patcher.cached_patcher_init is not None:
-        return patcher.get_non_dynamic_delegate()
+        with built_as_without_dynamic_vram():
+            return patcher.get_non_dynamic_delegate()
     return patcher.clone(disable_dynamic=True, model_override=patcher.get_clone_model_override())
 
 

@@ -46,6 +46,7 @@ assert asyncio.run(nodes.load_custom_node(ROOT))
 
 import encoder_fixtures  # noqa: E402
 import tiny_dits  # noqa: E402
+from quant.convert import convert  # noqa: E402
 from scripts.tiny_models import clip_l_text, save  # noqa: E402
 
 work = tempfile.mkdtemp()
@@ -86,6 +87,14 @@ seen = watch(quantized)
 base = tiny_dits.sample((nodes, None), files, "wan", dit)
 out["dit_rel_err"] = rel_err(tiny_dits.sample((nodes, None), files, "wan", quantized), base)
 out["dit_weight_devices"] = sorted(set(seen))
+
+convert(os.path.join(work, "diffusion_models", files["wan"][0]), os.path.join(work, "diffusion_models", "probe_int8.safetensors"),
+        "int8-vllm", "lightx2v")
+loaded, _ = node("QuantDiTLoader", unet_name="probe_int8.safetensors", backend="auto", compute_dtype="default")
+out["dit_loader_patcher"] = type(loaded).__name__
+seen = watch(loaded)
+out["dit_loader_rel_err"] = rel_err(tiny_dits.sample((nodes, None), files, "wan", loaded), base)
+out["dit_loader_weight_devices"] = sorted(set(seen))
 
 clip, _ = node("QuantDiTT5Loader", clip_name=t5_names["int8"], backend="auto")
 out["t5_loader_patcher"] = type(clip.patcher).__name__

@@ -34,6 +34,12 @@ def test_quantize_model_output_keeps_its_weights_on_the_gpu(seen):
     assert 0 < seen["dit_rel_err"] < 0.012  # int8-w8a8's tolerance in test_quantize_node
 
 
+def test_dit_loader_output_keeps_its_weights_on_the_gpu(seen):
+    assert seen["dit_loader_patcher"] == "ModelPatcher"
+    assert seen["dit_loader_weight_devices"] == ["cuda:0"]
+    assert 0 < seen["dit_loader_rel_err"] < 0.012
+
+
 def test_encoders_keep_their_quantized_weights_on_the_gpu(seen):
     assert seen["t5_loader_patcher"] == seen["quantized_clip_patcher"] == "ModelPatcher"
     assert seen["t5_weight_devices"] == seen["clip_weight_devices"] == ["cuda:0"]

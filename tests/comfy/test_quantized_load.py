@@ -18,6 +18,11 @@ def files(models_dir):
     return tiny_dits.write(str(models_dir), "reload", seed=8)
 
 
+def comfy_device():
+    import comfy.model_management
+    return comfy.model_management.get_torch_device()
+
+
 def quantized_weight_devices(patcher) -> list:
     seen = []
     for module in patcher.object_patches.values():
@@ -36,5 +41,10 @@ def test_quantized_clone_loads_its_weights_after_the_input_ran(comfy, files, arc
     assert model.model.current_weight_patches_uuid == quantized.patches_uuid != model.patches_uuid
     assert seen and set(seen) == {str(quantized.load_device)}, set(seen)
     assert 0 < float((out - first).norm() / first.norm()) < 0.02
-    # Back to the input: its own weights again, bit-equal to its first run.
-    assert torch.equal(tiny_dits.sample(comfy, files, arch, model), first)
+    # Back to the input: its own weights again. Bit-equal to its first run on the CPU; on the GPU
+    # the reloaded bf16 weights may meet other cuBLAS kernels (the last bits of bf16 differ).
+    again = tiny_dits.sample(comfy, files, arch, model)
+    if comfy_device().type == "cpu":
+        assert torch.equal(again, first)
+    else:
+        assert float((again - first).norm() / first.norm()) < 2e-3
