@@ -108,8 +108,13 @@ class QuantLinearMixin:
             self._patched = (self.weight, self._patched[1])
 
     def current_scale(self) -> torch.Tensor:
-        if self._patched is not None and self._patched[0] is self.weight:
-            return self._patched[1]
+        patched = self._patched
+        if patched is not None and patched[0] is self.weight:
+            if patched[1].device != self.weight.device:
+                # ComfyUI patches before it moves the module, and Module.to() leaves plain attributes
+                # behind: a CPU scale handed to a GPU kernel is an illegal memory access.
+                self._patched = patched = (self.weight, patched[1].to(self.weight.device))
+            return patched[1]
         return self.weight_scale
 
     def convert_weight(self, weight, inplace=False, **kwargs):

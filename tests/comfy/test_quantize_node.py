@@ -71,9 +71,16 @@ def fp8_cast(comfy, model, scale, storage="float8_e4m3fn"):
     return tuple(out.result)
 
 
+def warm_sample(comfy, arch, model):
+    # On CUDA the first sampling of Wan's fp16 model differs in its last bits from every later one
+    # (measured 6e-4 relative, without any reload): compare warm runs only.
+    sample(comfy, arch, model)
+    return sample(comfy, arch, model)
+
+
 @pytest.fixture(scope="module")
 def baselines(comfy, archs):
-    return {k: sample(comfy, a, load_bf16(comfy, a)) for k, a in archs.items()}
+    return {k: warm_sample(comfy, a, load_bf16(comfy, a)) for k, a in archs.items()}
 
 
 @pytest.mark.parametrize("arch_name", ["wan", "flux"])
