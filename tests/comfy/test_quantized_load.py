@@ -40,19 +40,3 @@ def test_quantized_clone_loads_its_weights_after_the_input_ran(comfy, files, arc
     # Back to the input: its own weights again, bit-equal to its warm run.
     assert torch.equal(tiny_dits.sample(comfy, files, arch, model), first)
 
-
-def test_a_lora_patched_scale_follows_its_module_to_the_load_device(comfy):
-    """ComfyUI patches a LoRA into the weight before it moves the module (Module.to); the patched
-    scale, a plain attribute, must follow (on the GPU a CPU scale was an illegal memory access).
-    The meta device stands in for the GPU here."""
-    _, pack = comfy
-    from quant.schemes import get_scheme
-    layer = pack.nodes.ops.QuantizedLinear.from_linear(torch.nn.Linear(32, 16), get_scheme("int8-w8a8"), None,
-                                                       torch.device("cpu"))
-    w = layer.convert_weight(layer.weight.to(torch.float32))
-    layer.set_weight(w * 3)  # what ComfyUI's patch_weight_to_device does for a LoRA
-    patched = layer.current_scale()
-    assert not torch.equal(patched, layer.weight_scale)
-    layer.to("meta")
-    moved = layer.current_scale()
-    assert moved.device.type == "meta" and moved.shape == patched.shape
