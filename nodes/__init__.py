@@ -4,7 +4,8 @@ from __future__ import annotations
 from .encoder_nodes import (QuantDiTCLIPVisionLoader, QuantDiTQuantizeCLIPVision, QuantDiTQuantizeTextEncoder,
                             QuantDiTT5Loader)
 from .loader_nodes import QuantDiTLoader
+from .probe_node import QuantDiTHardwareProbe
 from .quantize_nodes import QuantDiTLayerwiseFP8Cast, QuantDiTQuantizeModel
 
 NODES = [QuantDiTLoader, QuantDiTQuantizeModel, QuantDiTLayerwiseFP8Cast, QuantDiTT5Loader, QuantDiTCLIPVisionLoader,
-         QuantDiTQuantizeTextEncoder, QuantDiTQuantizeCLIPVision]
+         QuantDiTQuantizeTextEncoder, QuantDiTQuantizeCLIPVision, QuantDiTHardwareProbe]

@@ -106,6 +106,27 @@ def test_truncated_file_fails_with_a_message_naming_it(server, models):
     assert server.object_info("QuantDiTLoader")["output"] == ["MODEL", "STRING"]
 
 
+@pytest.mark.e2e
+def test_hardware_probe_scheme_wired_into_quantize_model(server, bf16_latent):
+    """The probe's dit_scheme output (a COMBO) drives Quantize Model's scheme input through the
+    server's own validation and execution."""
+    info = server.object_info("QuantDiTHardwareProbe")
+    assert info["output"] == ["COMBO", "COMBO", "STRING"] and info["output_name"][:2] == ["dit_scheme", "encoder_scheme"]
+    prompt = demo.build_prompt(BF16.file_name, baseline=True, filename_prefix="e2e_probe")
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
+    prompt["90"] = {"class_type": "QuantDiTHardwareProbe", "inputs": {}}
+    prompt["91"] = {"class_type": "QuantDiTQuantizeModel",
+                    "inputs": {"model": prompt[sampler]["inputs"]["model"], "scheme": ["90", 0], "backend": "auto",
+                               "skip_patterns": "", "keep_small_m_layers": False, "quantize_modulation": True}}
+    prompt[sampler]["inputs"]["model"] = ["91", 0]
+    result = server.run_prompt(prompt)
+    assert result.history["status"]["status_str"] == "success"
+    latent = demo.load_latent(demo.saved_latent(server, result))
+    # The CPU server gets int8 weight-only (0.36% from bf16 on the tiny Wan of test_quantize_node).
+    err = demo.rel_l2(latent, bf16_latent)
+    assert 0 < err < 0.02, f"probe-driven quantized output is {err:.4f} (relative L2) from bf16"
+
+
 # --- example_workflows/wan21_t2v_quantdit.json against the running server -------------------------
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODEL_FILE_INPUTS = {"unet_name", "clip_name", "vae_name"}  # real users' files: not on this server
