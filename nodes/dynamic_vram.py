@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 import comfy.memory_management
 import comfy.model_patcher
 
@@ -30,6 +32,22 @@ def built_as_without_dynamic_vram():
         comfy.memory_management.aimdo_enabled = saved
 
 
+def cast_lazy_weights(model: torch.nn.Module) -> int:
+    """Casts to the model's dtype the weights that DynamicVRAM's lazy init left in the file's dtype,
+    in modules that do not cast in their forward; returns how many. The dynamic patcher sharing
+    these modules casts whatever it finds, so it is not affected."""
+    cast = 0
+    for module in model.modules():
+        if getattr(module, "comfy_cast_weights", False):
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            dtype = getattr(module, f"{name}_comfy_model_dtype", None)
+            if dtype is not None and param.dtype != dtype and param.is_floating_point():
+                setattr(module, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=False))
+                cast += 1
+    return cast
+
+
 def non_dynamic(patcher):
     """`patcher` itself, or when it is dynamic, a legacy clone of it. Core loaders record how to load
     their file again, and the clone gets that fresh copy (as ComfyUI's own TorchCompileModel does);
@@ -39,6 +57,7 @@ def non_dynamic(patcher):
     if patcher.cached_patcher_init is not None:
         with built_as_without_dynamic_vram():
             return patcher.get_non_dynamic_delegate()
+    cast_lazy_weights(patcher.model)
     return patcher.clone(disable_dynamic=True, model_override=patcher.get_clone_model_override())
 
 

@@ -134,3 +134,22 @@ def test_quantize_clip_vision_from_a_dynamic_patcher(comfy, encoder_files, patch
     assert quantized.model is quantized.patcher.model
     out = comfy[0].CLIPVisionEncode().encode(quantized, ef.image(), "center")[0]["penultimate_hidden_states"].detach()
     assert 0 < float((out - base).norm() / base.norm()) < 0.03
+
+
+def test_weights_left_in_the_files_dtype_are_cast_for_the_legacy_patcher(comfy, patchers):
+    """DynamicVRAM builds models lazily: a module that does not cast in its forward keeps the file's
+    dtype (bf16) next to the model's (fp16), for the dynamic loader to cast. A legacy patcher never
+    casts, so a shared model gets those weights cast once; modules that cast in forward are left."""
+    import comfy.ops as ops
+    _, pack = comfy
+    plain = ops.disable_weight_init.Linear(8, 4, dtype=torch.float16)
+    casting = ops.manual_cast.Linear(8, 4, dtype=torch.float16)
+    model = torch.nn.Sequential(plain, casting)
+    for m in model:  # as ops.py's lazy init leaves them: the file's bf16 under an fp16 model dtype
+        m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+        m.weight_comfy_model_dtype = torch.float16
+    before = plain.weight.clone()
+    assert pack.nodes.dynamic_vram.cast_lazy_weights(model) == 1
+    assert plain.weight.dtype == torch.float16 and torch.equal(plain.weight.to(torch.bfloat16), before)
+    assert casting.weight.dtype == torch.bfloat16 and plain.bias.dtype == torch.float16
+    assert plain(torch.randn(2, 8, dtype=torch.float16)).dtype == torch.float16
