@@ -58,7 +58,7 @@ t5_names = encoder_fixtures.write_t5_files(os.path.join(work, "text_encoders"))
 save(clip_l_text(), os.path.join(work, "text_encoders", "probe_clip_l.safetensors"))
 
 
-def watch(patcher, root=""):
+def watch(patcher):
     """Records where each quantized linear's weight is when it runs."""
     seen = []
     for module in patcher.object_patches.values():
