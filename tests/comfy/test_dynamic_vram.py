@@ -145,8 +145,10 @@ def test_weights_left_in_the_files_dtype_are_cast_for_the_legacy_patcher(comfy, 
     plain = ops.disable_weight_init.Linear(8, 4, dtype=torch.float16)
     casting = ops.manual_cast.Linear(8, 4, dtype=torch.float16)
     model = torch.nn.Sequential(plain, casting)
+    g = torch.Generator().manual_seed(0)
     for m in model:  # as ops.py's lazy init leaves them: the file's bf16 under an fp16 model dtype
-        m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+        m.weight = torch.nn.Parameter(torch.randn(4, 8, generator=g).to(torch.bfloat16), requires_grad=False)
+        m.bias = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16), requires_grad=False)
         m.weight_comfy_model_dtype = torch.float16
     before = plain.weight.clone()
     assert pack.nodes.dynamic_vram.cast_lazy_weights(model) == 1
