@@ -22,8 +22,13 @@ def test_suggestions_are_options_of_the_quantize_nodes(comfy, probed):
     assert dit in combo_options(nodes.NODE_CLASS_MAPPINGS["QuantDiTQuantizeModel"], "scheme")
     for name in ("QuantDiTQuantizeTextEncoder", "QuantDiTQuantizeCLIPVision"):
         assert encoder in combo_options(nodes.NODE_CLASS_MAPPINGS[name], "scheme")
-    assert (dit, encoder) == ("int8-weight-only", "int8-weight-only")  # ComfyUI runs on the CPU here
-    assert report.startswith("QuantDiT hardware probe: CPU (cpu)") and "no CUDA GPU" in report
+    import comfy.model_management as mm
+    if mm.get_torch_device().type == "cpu":
+        assert (dit, encoder) == ("int8-weight-only", "int8-weight-only")
+        assert report.startswith("QuantDiT hardware probe: CPU (cpu)") and "no CUDA GPU" in report
+    else:  # the GPU machine: Triton is there, so a fused int8 W8A8 kernel is
+        assert (dit, encoder) == ("int8-w8a8", "int8"), report
+        assert "compute capability" in report and "int8-w8a8: " in report
 
 
 def test_the_suggested_scheme_quantizes_a_model(comfy, models_dir, probed):
