@@ -14,46 +14,20 @@ import os
 import sys
 import time
 
-ROOT = os.path.abspath(os.environ.get("PACK", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.environ.get("PACK", HERE))
 COMFY = os.environ.get("QUANTDIT_COMFYUI", os.path.join(ROOT, ".comfyui"))
-sys.path.insert(0, COMFY)
-sys.path.insert(1, ROOT)
 LEGACY = "--legacy" in sys.argv
 
-from comfy.cli_args import args  # noqa: E402
+sys.path.insert(0, HERE)
+from scripts.comfy_gpu_boot import start  # noqa: E402  (this checkout's, whatever PACK is)
 
-args.cpu = False
-if not LEGACY:
-    import comfy_aimdo.control  # noqa: E402
-    for kwargs in (dict(simple_vram_headroom=None, nvml_pressure=True), dict(simple_vram_headroom=None), {}):
-        try:
-            comfy_aimdo.control.init(**kwargs)
-            break
-        except TypeError:
-            continue
-
-import asyncio  # noqa: E402
-
+print("aimdo on:", start(COMFY, ROOT, dynamic=not LEGACY))
 import torch  # noqa: E402
 
-import comfy.memory_management  # noqa: E402
-import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 
-if not LEGACY:
-    devices = comfy.model_management.get_all_torch_devices()
-    try:
-        ok = comfy_aimdo.control.init_devices((d.index, int(args.vram_headroom * 1024 ** 3)) for d in devices)
-    except TypeError:
-        ok = comfy_aimdo.control.init_devices(d.index for d in devices)
-    print("aimdo init_devices:", ok)
-    if ok:
-        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-        comfy.memory_management.aimdo_enabled = True
-
-assert asyncio.run(nodes.load_custom_node(ROOT))
 from scripts.tiny_models import save, wan21_dit  # noqa: E402
 
 models = "/tmp/dyn_models"

@@ -3,7 +3,6 @@ DynamicVRAM (comfy-aimdo) as ComfyUI's main.py does on NVIDIA, makes this pack's
 from core loaders and from its own, runs them, and prints one JSON line of what it saw."""
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -12,62 +11,32 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 COMFY = os.environ.get("QUANTDIT_COMFYUI", os.path.join(ROOT, ".comfyui"))
-sys.path[:0] = [COMFY, ROOT, HERE]
+sys.path[:0] = [ROOT, HERE]
 
-from comfy.cli_args import args  # noqa: E402
+from scripts.comfy_gpu_boot import start  # noqa: E402
 
-args.cpu = False
-import comfy_aimdo.control  # noqa: E402
-
-for kwargs in (dict(simple_vram_headroom=None, nvml_pressure=True), dict(simple_vram_headroom=None), {}):
-    try:  # the protocols of comfy-aimdo 0.4.11, 0.4.10 and 0.4.9, newest first (as main.py tries them)
-        comfy_aimdo.control.init(**kwargs)
-        break
-    except TypeError:
-        continue
-
+aimdo = start(COMFY, ROOT)
 import torch  # noqa: E402
 
-import comfy.memory_management  # noqa: E402
-import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
+import comfy.clip_vision  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
-
-devices = comfy.model_management.get_all_torch_devices()
-try:
-    aimdo = comfy_aimdo.control.init_devices((d.index, int(args.vram_headroom * 1024 ** 3)) for d in devices)
-except TypeError:
-    aimdo = comfy_aimdo.control.init_devices(d.index for d in devices)
-if aimdo:
-    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-    comfy.memory_management.aimdo_enabled = True
-assert asyncio.run(nodes.load_custom_node(ROOT))
 
 import encoder_fixtures  # noqa: E402
 import tiny_dits  # noqa: E402
 from quant.convert import convert  # noqa: E402
+from quant.encoders import clip_vision  # noqa: E402
+from quant.encoders.checkpoint import CLIP_VISION, load_encoder, shape_lookup  # noqa: E402
 from scripts.tiny_models import clip_l_text, save  # noqa: E402
 
 work = tempfile.mkdtemp()
-for kind in ("diffusion_models", "text_encoders"):
+for kind in ("diffusion_models", "text_encoders", "clip_vision"):
     os.makedirs(os.path.join(work, kind))
     folder_paths.add_model_folder_path(kind, os.path.join(work, kind), is_default=True)
 files = tiny_dits.write(os.path.join(work, "diffusion_models"), "probe", seed=4)
 t5_names = encoder_fixtures.write_t5_files(os.path.join(work, "text_encoders"))
 save(clip_l_text(), os.path.join(work, "text_encoders", "probe_clip_l.safetensors"))
-
-
-def watch(patcher):
-    """Records where each quantized linear's weight is when it runs."""
-    seen = []
-    for module in patcher.object_patches.values():
-        if getattr(module, "quant_scheme", None) is not None:
-            module.register_forward_pre_hook(lambda m, a: seen.append(str(m.weight.device)))
-    for module in patcher.model.modules():
-        if getattr(module, "quant_scheme", None) is not None:
-            module.register_forward_pre_hook(lambda m, a: seen.append(str(m.weight.device)))
-    return seen
+vision_names = encoder_fixtures.write_clip_files(os.path.join(work, "clip_vision"))
 
 
 def node(name, **kw):
@@ -83,7 +52,7 @@ dit = tiny_dits.load((nodes, None), files, "wan")
 out["unet_loader_patcher"] = type(dit).__name__
 quantized, _ = tiny_dits.quantize((nodes, None), dit, "int8-w8a8")
 out["quantized_patcher"] = type(quantized).__name__
-seen = watch(quantized)
+seen = tiny_dits.quantized_weight_devices(quantized)
 base = tiny_dits.sample((nodes, None), files, "wan", dit)
 out["dit_rel_err"] = rel_err(tiny_dits.sample((nodes, None), files, "wan", quantized), base)
 out["dit_weight_devices"] = sorted(set(seen))
@@ -92,13 +61,13 @@ convert(os.path.join(work, "diffusion_models", files["wan"][0]), os.path.join(wo
         "int8-vllm", "lightx2v")
 loaded, _ = node("QuantDiTLoader", unet_name="probe_int8.safetensors", backend="auto", compute_dtype="default")
 out["dit_loader_patcher"] = type(loaded).__name__
-seen = watch(loaded)
+seen = tiny_dits.quantized_weight_devices(loaded)
 out["dit_loader_rel_err"] = rel_err(tiny_dits.sample((nodes, None), files, "wan", loaded), base)
 out["dit_loader_weight_devices"] = sorted(set(seen))
 
 clip, _ = node("QuantDiTT5Loader", clip_name=t5_names["int8"], backend="auto")
 out["t5_loader_patcher"] = type(clip.patcher).__name__
-seen = watch(clip.patcher)
+seen = tiny_dits.quantized_weight_devices(clip.patcher)
 out["t5_finite"] = bool(nodes.CLIPTextEncode().encode(clip, "a cat")[0][0][0].isfinite().all())
 out["t5_weight_devices"] = sorted(set(seen))
 
@@ -107,8 +76,23 @@ out["clip_loader_patcher"] = type(clip_l.patcher).__name__
 base = nodes.CLIPTextEncode().encode(clip_l, "a cat")[0][0][0]
 quantized_clip, _ = node("QuantDiTQuantizeTextEncoder", clip=clip_l, scheme="int8")
 out["quantized_clip_patcher"] = type(quantized_clip.patcher).__name__
-seen = watch(quantized_clip.patcher)
+seen = tiny_dits.quantized_weight_devices(quantized_clip.patcher)
 out["clip_rel_err"] = rel_err(nodes.CLIPTextEncode().encode(quantized_clip, "a cat")[0][0][0], base)
 out["clip_weight_devices"] = sorted(set(seen))
+
+# CLIP vision as ComfyUI's own CLIPVisionLoader builds it: a dynamic patcher that records no way to
+# load the model again, so the Quantize node shares its modules with a legacy clone (cast_lazy_weights).
+ckpt = load_encoder(os.path.join(work, "clip_vision", vision_names["fp16"]), CLIP_VISION)
+core_vision = comfy.clip_vision.ClipVisionModel(clip_vision.config_from_shapes(shape_lookup(ckpt)))
+core_vision.load_sd(dict(ckpt.state_dict))
+out["core_vision_patcher"] = type(core_vision.patcher).__name__
+image = encoder_fixtures.image()
+base = nodes.CLIPVisionEncode().encode(core_vision, image, "center")[0]["penultimate_hidden_states"]
+quantized_vision, _ = node("QuantDiTQuantizeCLIPVision", clip_vision=core_vision, scheme="int8")
+out["quantized_vision_patcher"] = type(quantized_vision.patcher).__name__
+seen = tiny_dits.quantized_weight_devices(quantized_vision.patcher)
+quantized_out = nodes.CLIPVisionEncode().encode(quantized_vision, image, "center")[0]["penultimate_hidden_states"]
+out["vision_rel_err"] = rel_err(quantized_out, base)
+out["vision_weight_devices"] = sorted(set(seen))
 torch.cuda.synchronize()
 print("PROBE " + json.dumps(out))

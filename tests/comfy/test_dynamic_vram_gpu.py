@@ -44,3 +44,11 @@ def test_encoders_keep_their_quantized_weights_on_the_gpu(seen):
     assert seen["t5_loader_patcher"] == seen["quantized_clip_patcher"] == "ModelPatcher"
     assert seen["t5_weight_devices"] == seen["clip_weight_devices"] == ["cuda:0"]
     assert seen["t5_finite"] and 0 < seen["clip_rel_err"] < 0.05
+
+
+def test_quantized_clip_vision_from_comfyuis_own_build_keeps_its_weights_on_the_gpu(seen):
+    # ComfyUI's CLIPVisionLoader path: a dynamic patcher with no recipe to load the model again
+    assert seen["core_vision_patcher"] == "ModelPatcherDynamic"
+    assert seen["quantized_vision_patcher"] == "ModelPatcher"
+    assert seen["vision_weight_devices"] == ["cuda:0"]
+    assert 0 < seen["vision_rel_err"] < 0.03  # int8's tolerance in test_encoders

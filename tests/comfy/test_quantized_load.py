@@ -18,21 +18,13 @@ def files(models_dir):
     return tiny_dits.write(str(models_dir), "reload", seed=8)
 
 
-def quantized_weight_devices(patcher) -> list:
-    seen = []
-    for module in patcher.object_patches.values():
-        if getattr(module, "quant_scheme", None) is not None:
-            module.register_forward_pre_hook(lambda m, a: seen.append(str(m.weight.device)))
-    return seen
-
-
 @pytest.mark.parametrize("arch", ["wan", "flux"])
 def test_quantized_clone_loads_its_weights_after_the_input_ran(comfy, files, arch):
     model = tiny_dits.load(comfy, files, arch)
     tiny_dits.sample(comfy, files, arch, model)  # a cold CUDA run differs in the last bits from warm ones
     first = tiny_dits.sample(comfy, files, arch, model)  # ComfyUI now holds the bf16 weights loaded
     quantized, _ = tiny_dits.quantize(comfy, model, "int8-w8a8")
-    seen = quantized_weight_devices(quantized)
+    seen = tiny_dits.quantized_weight_devices(quantized)
     out = tiny_dits.sample(comfy, files, arch, quantized)
     assert model.model.current_weight_patches_uuid == quantized.patches_uuid != model.patches_uuid
     assert seen and set(seen) == {str(quantized.load_device)}, set(seen)

@@ -56,3 +56,14 @@ def sharing(model, attr: str) -> list:
     for name, obj in attached(model, attr).items():
         by_object.setdefault(id(obj), []).append(name)
     return sorted(sorted(names) for names in by_object.values())
+
+
+def quantized_weight_devices(patcher) -> list:
+    """A list that records the device of each quantized linear's weight whenever it runs: those the
+    patcher swaps in as object patches and those built into its model (a quantized loader's)."""
+    seen = []
+    modules = {id(m): m for m in [*patcher.object_patches.values(), *patcher.model.modules()]}
+    for module in modules.values():
+        if getattr(module, "quant_scheme", None) is not None:
+            module.register_forward_pre_hook(lambda m, a: seen.append(str(m.weight.device)))
+    return seen
