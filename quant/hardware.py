@@ -7,12 +7,12 @@ machine (README, "Measured on the GPU machine").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from .backends import NoCapableBackendError, list_backends, pick_backend
+from .backends import NoCapableBackendError, list_backends, pick_kernels
 from .backends.registry import cuda_capability
 from .schemes import get_scheme
 
@@ -32,6 +32,8 @@ class MachineFacts:
     memory_gib: Optional[float]                  # total GPU memory
     kernels: dict                                # scheme -> the backend `auto` picks ("" where none can)
     unavailable: dict                            # provider -> why it cannot load here
+    # scheme -> the route where `auto` hands large inputs to another provider ("vllm, triton from 8192 tokens")
+    routes: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,18 @@ def probe(device: torch.device) -> MachineFacts:
     if cap is not None:
         props = torch.cuda.get_device_properties(device)
         name, memory = props.name, props.total_memory / 1024 ** 3
-    kernels = {}
+    kernels, routes = {}, {}
     for scheme in PROBED_SCHEMES:
         try:
-            kernels[scheme] = pick_backend(get_scheme(scheme), device).name
+            choice = pick_kernels(get_scheme(scheme), device)
         except NoCapableBackendError:
             kernels[scheme] = ""
+            continue
+        kernels[scheme] = choice.backend.name
+        if choice.large is not None:
+            routes[scheme] = choice.describe()
     unavailable = {n: why for n, why in list_backends().items() if why}
-    return MachineFacts(str(device), name, cap, memory, kernels, unavailable)
+    return MachineFacts(str(device), name, cap, memory, kernels, unavailable, routes)
 
 
 def _fast(facts: MachineFacts, scheme: str) -> Optional[str]:
@@ -113,7 +119,7 @@ def describe(facts: MachineFacts, suggestions: list[Suggestion]) -> str:
         lines.append(f"suggested for the {s.part}: {s.scheme} ({s.why})")
     lines.append("kernel 'auto' picks per scheme:")
     for scheme, backend in facts.kernels.items():
-        lines.append(f"  {scheme}: {backend or 'none can run it here'}"
+        lines.append(f"  {scheme}: {facts.routes.get(scheme, backend) or 'none can run it here'}"
                      + ("" if backend != "reference" else " (emulated in plain torch: slow)"))
     if facts.unavailable:
         lines.append("providers not available:")

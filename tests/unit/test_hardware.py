@@ -68,3 +68,21 @@ def test_probe_of_this_machine():
     assert all(k == "reference" for k in facts.kernels.values())  # the only provider without CUDA
     assert "triton" in facts.unavailable and "CUDA" in facts.unavailable["triton"]
     assert "emulated in plain torch" in describe(facts, suggest(facts))
+
+
+def test_the_report_gives_the_provider_auto_hands_large_inputs_to(monkeypatch):
+    # A GPU with vLLM (which cannot exist here): auto runs vLLM and hands large inputs to Triton.
+    from quant import hardware
+    from quant.backends import KernelChoice, get_backend
+
+    def choice(scheme, device):
+        if scheme.name == "int8-w8a8":
+            return KernelChoice(get_backend("vllm"), get_backend("triton"), 8192)
+        return KernelChoice(get_backend("reference"))
+
+    monkeypatch.setattr(hardware, "pick_kernels", choice)
+    facts = probe(torch.device("cpu"))
+    assert facts.kernels["int8-w8a8"] == "vllm"  # what the scheme advice is based on
+    assert facts.routes == {"int8-w8a8": "vllm, triton from 8192 tokens"}
+    text = describe(facts, suggest(facts))
+    assert "  int8-w8a8: vllm, triton from 8192 tokens\n" in text and "  fp8-w8a8: reference" in text
