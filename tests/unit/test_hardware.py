@@ -66,7 +66,8 @@ def test_probe_of_this_machine():
     assert facts.capability is None and facts.name == "CPU"
     assert set(facts.kernels) == set(PROBED_SCHEMES)
     assert all(k == "reference" for k in facts.kernels.values())  # the only provider without CUDA
-    assert "triton" in facts.unavailable and "CUDA" in facts.unavailable["triton"]
+    if not torch.cuda.is_available():  # CI; on the GPU machine Triton loads (and cannot run on the CPU)
+        assert "triton" in facts.unavailable and "CUDA" in facts.unavailable["triton"]
     assert "emulated in plain torch" in describe(facts, suggest(facts))
 
 
