@@ -54,7 +54,7 @@ class FusedSiblings:
         self._version = None
         self._kept: dict = {}                    # member -> its [rows, out] output, for `take`
         self._small: Optional[tuple] = None      # (key, stacked scale, stacked bias)
-        self.fused_calls = 0                     # GEMMs run for all members (reports and tests)
+        self.fused_calls = 0                     # GEMMs run for all members (read by tests)
 
     def take(self, member: QuantLinearMixin, x: torch.Tensor) -> Optional[torch.Tensor]:
         """`member`'s output for `x` if a sibling computed it from this very tensor, else None."""

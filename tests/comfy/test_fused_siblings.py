@@ -19,6 +19,7 @@ from tiny_dits import attached, load, quantize, sample, sharing
 
 ON_CUDA = os.environ.get("QUANTDIT_COMFY_DEVICE", "cpu") == "cuda"
 DEV = torch.device("cuda" if ON_CUDA else "cpu")
+FUSED = "quant_fused"  # the attribute fused_siblings sets on each member
 
 
 @pytest.fixture(scope="module")
@@ -26,36 +27,28 @@ def files(models_dir):
     return tiny_dits.write(models_dir, "p", seed=5)
 
 
-def groups(model):
-    return attached(model, "quant_fused")
-
-
-def members(model):
-    return sharing(model, "quant_fused")
-
-
 @pytest.mark.parametrize("scheme", ["int8-w8a8", "fp8-w8a8"])
 def test_wan_cross_attention_k_and_v_are_one_group(comfy, files, scheme):
     q, report = quantize(comfy, load(comfy, files, "wan"), scheme)
-    assert members(q) == [[f"blocks.{b}.cross_attn.k", f"blocks.{b}.cross_attn.v"] for b in (0, 1)]
+    assert sharing(q, FUSED) == [[f"blocks.{b}.cross_attn.k", f"blocks.{b}.cross_attn.v"] for b in (0, 1)]
     assert "2 groups of sibling linears (k/v, q/k/v) on one input run as one GEMM" in report, report
 
 
 @pytest.mark.parametrize("scheme", ["fp8-block128", "int8-weight-only", "int4-g128"])
 def test_schemes_without_per_channel_w8a8_are_not_grouped(comfy, files, scheme):
     q, report = quantize(comfy, load(comfy, files, "wan"), scheme)
-    assert groups(q) == {} and "sibling linears" not in report
+    assert attached(q, FUSED) == {} and "sibling linears" not in report
 
 
 def test_flux_has_no_groups_and_a_sibling_left_in_bf16_breaks_its_group(comfy, files):
     q, _ = quantize(comfy, load(comfy, files, "flux"), "int8-w8a8")
-    assert groups(q) == {}
+    assert attached(q, FUSED) == {}
     q, _ = quantize(comfy, load(comfy, files, "wan"), "int8-w8a8", skip_patterns="blocks.0.cross_attn.v")
-    assert members(q) == [["blocks.1.cross_attn.k", "blocks.1.cross_attn.v"]]
+    assert sharing(q, FUSED) == [["blocks.1.cross_attn.k", "blocks.1.cross_attn.v"]]
 
 
 def _group_modules(q):
-    return [[q.get_model_object(f"diffusion_model.{n}") for n in names] for names in members(q)]
+    return [[q.get_model_object(f"diffusion_model.{n}") for n in names] for names in sharing(q, FUSED)]
 
 
 @pytest.mark.parametrize("scheme", ["int8-w8a8", "fp8-w8a8"])
@@ -66,7 +59,7 @@ def test_sampling_matches_the_unfused_layers_and_the_weights_become_one_buffer(c
         sample(comfy, files, "wan", q)
     model_calls = []
     hook = q.model.diffusion_model.register_forward_hook(lambda *a: model_calls.append(1))
-    found = list({id(g): g for g in groups(q).values()}.values())
+    found = list({id(g): g for g in attached(q, FUSED).values()}.values())
     for p in found:
         p.fused_calls = 0
     try:
@@ -98,7 +91,7 @@ def test_the_loader_groups_too(comfy, models_dir):
     names = wan_fixtures.write_all(models_dir)
     model, report = nodes.NODE_CLASS_MAPPINGS["QuantDiTLoader"].execute(
         unet_name=names["lightx2v-int8"], backend="auto", compute_dtype="default").result
-    assert len(members(model)) == len(model.model.diffusion_model.blocks)
+    assert len(sharing(model, FUSED)) == len(model.model.diffusion_model.blocks)
     assert "groups of sibling linears (k/v, q/k/v) on one input run as one GEMM" in report
 
 

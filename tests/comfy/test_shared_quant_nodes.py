@@ -14,19 +14,12 @@ import wan_fixtures
 from tiny_dits import attached, load, quantize, sample, sharing
 
 ON_CUDA = os.environ.get("QUANTDIT_COMFY_DEVICE", "cpu") == "cuda"
+SHARE = "quant_share"  # the attribute shared_quant sets on each sibling
 
 
 @pytest.fixture(scope="module")
 def files(models_dir):
     return tiny_dits.write(models_dir, "s", seed=4)
-
-
-def slots(model):
-    return attached(model, "quant_share")
-
-
-def groups(model):
-    return sharing(model, "quant_share")
 
 
 WAN_GROUPS = [[f"blocks.{b}.{attn}.{p}" for p in ("k", "q", "v")] for b in (0, 1)
@@ -36,25 +29,25 @@ WAN_GROUPS = [[f"blocks.{b}.{attn}.{p}" for p in ("k", "q", "v")] for b in (0, 1
 @pytest.mark.parametrize("scheme", ["int8-w8a8", "fp8-w8a8"])
 def test_wan_attention_siblings_share_a_slot(comfy, files, scheme):
     q, report = quantize(comfy, load(comfy, files, "wan"), scheme)
-    assert groups(q) == WAN_GROUPS
+    assert sharing(q, SHARE) == WAN_GROUPS
     assert "4 attention modules quantize the input of their q/k/v linears once" in report, report
 
 
 @pytest.mark.parametrize("scheme", ["fp8-block128", "int8-weight-only", "int4-g128"])
 def test_schemes_that_do_not_quantize_per_token_share_nothing(comfy, files, scheme):
     q, report = quantize(comfy, load(comfy, files, "wan"), scheme)
-    assert slots(q) == {} and "q/k/v" not in report
+    assert attached(q, SHARE) == {} and "q/k/v" not in report
 
 
 def test_flux_has_fused_qkv_and_nothing_to_share(comfy, files):
     q, report = quantize(comfy, load(comfy, files, "flux"), "int8-w8a8")
-    assert slots(q) == {} and "q/k/v" not in report
+    assert attached(q, SHARE) == {} and "q/k/v" not in report
 
 
 def test_a_sibling_left_unquantized_is_not_given_the_slot(comfy, files):
     q, _ = quantize(comfy, load(comfy, files, "wan"), "int8-w8a8", skip_patterns="self_attn.v")
-    assert groups(q)[0] == ["blocks.0.cross_attn.k", "blocks.0.cross_attn.q", "blocks.0.cross_attn.v"]
-    assert ["blocks.0.self_attn.k", "blocks.0.self_attn.q"] in groups(q)
+    assert sharing(q, SHARE)[0] == ["blocks.0.cross_attn.k", "blocks.0.cross_attn.q", "blocks.0.cross_attn.v"]
+    assert ["blocks.0.self_attn.k", "blocks.0.self_attn.q"] in sharing(q, SHARE)
 
 
 @pytest.mark.parametrize("scheme", ["int8-w8a8", "fp8-w8a8"])
@@ -62,7 +55,7 @@ def test_sampling_is_bit_equal_and_the_shared_input_is_quantized_once(comfy, fil
     q, _ = quantize(comfy, load(comfy, files, "wan"), scheme)
     if ON_CUDA:  # a fresh process's first CUDA sample differs slightly (see test_gelu_handoff.py)
         sample(comfy, files, "wan", q)
-    shared = list({id(s): s for s in slots(q).values()}.values())
+    shared = list({id(s): s for s in attached(q, SHARE).values()}.values())
     for s in shared:
         s.hits = 0
     model_calls = []
@@ -93,8 +86,8 @@ def test_the_loader_shares_too(comfy, models_dir):
     names = wan_fixtures.write_all(models_dir)
     model, report = nodes.NODE_CLASS_MAPPINGS["QuantDiTLoader"].execute(
         unet_name=names["lightx2v-int8"], backend="auto", compute_dtype="default").result
-    assert len(groups(model)) == 2 * len(model.model.diffusion_model.blocks)
+    assert len(sharing(model, SHARE)) == 2 * len(model.model.diffusion_model.blocks)
     assert "attention modules quantize the input of their q/k/v linears once" in report
     model, report = nodes.NODE_CLASS_MAPPINGS["QuantDiTLoader"].execute(
         unet_name=names["lightx2v-fp8-block128"], backend="auto", compute_dtype="default").result
-    assert groups(model) == [] and "q/k/v" not in report
+    assert sharing(model, SHARE) == [] and "q/k/v" not in report
