@@ -12,6 +12,7 @@ from ..quant.schemes import resolve
 from .encoder_loader import load_quantized_clip_vision, load_quantized_t5
 from .loader_nodes import backend_input
 from .model_quantizer import quantize_model
+from .report_output import with_report
 
 # The seeds' t5_quant_scheme / clip_quant_scheme names first, then the canonical schemes. The
 # weight-only fp8 entries are the layerwise fp8 cast (fp8 storage, compute in the model dtype).
@@ -37,6 +38,7 @@ class QuantDiTT5Loader(io.ComfyNode):
             node_id="QuantDiTT5Loader",
             display_name="Load Quantized T5 Encoder (QuantDiT)",
             category="QuantDiT/loaders",
+            has_intermediate_output=True,
             description="Loads Wan's umT5-XXL text encoder from models/text_encoders: LightX2V's "
                         "models_t5_umt5-xxl-enc-{int8,fp8}.pth, Wan's original bf16 .pth, or ComfyUI's "
                         "umt5_xxl_*.safetensors (fp8_scaled included). The CLIP output feeds CLIPTextEncode.",
@@ -54,7 +56,7 @@ class QuantDiTT5Loader(io.ComfyNode):
     def execute(cls, clip_name, backend="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
         clip, report = load_quantized_t5(path, backend)
-        return io.NodeOutput(clip, report.text())
+        return with_report(clip, report=report.text())
 
 
 class QuantDiTCLIPVisionLoader(io.ComfyNode):
@@ -64,6 +66,7 @@ class QuantDiTCLIPVisionLoader(io.ComfyNode):
             node_id="QuantDiTCLIPVisionLoader",
             display_name="Load Quantized CLIP Vision (QuantDiT)",
             category="QuantDiT/loaders",
+            has_intermediate_output=True,
             description="Loads the ViT-H/14 image encoder Wan I2V uses from models/clip_vision: LightX2V's "
                         "models_clip_open-clip-xlm-roberta-large-vit-huge-14-{int8,fp8}.pth, Wan's original "
                         ".pth, or a ComfyUI clip_vision_h file. The output feeds CLIPVisionEncode.",
@@ -79,7 +82,7 @@ class QuantDiTCLIPVisionLoader(io.ComfyNode):
     def execute(cls, clip_name, backend="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("clip_vision", clip_name)
         model, report = load_quantized_clip_vision(path, backend)
-        return io.NodeOutput(model, report.text())
+        return with_report(model, report=report.text())
 
 
 def _quantize_encoder(patcher, scheme: str, backend: str, skip_patterns: str, title: str):
@@ -97,6 +100,7 @@ class QuantDiTQuantizeTextEncoder(io.ComfyNode):
             node_id="QuantDiTQuantizeTextEncoder",
             display_name="Quantize Text Encoder (QuantDiT)",
             category="QuantDiT",
+            has_intermediate_output=True,
             description="Quantizes the attention and feed-forward linears of a loaded text encoder (umT5, T5, "
                         "CLIP text) one layer at a time; the input CLIP is left unchanged.",
             inputs=[io.Clip.Input("clip"),
@@ -111,7 +115,7 @@ class QuantDiTQuantizeTextEncoder(io.ComfyNode):
         out = clip.clone()
         out.patcher = patcher
         out.cond_stage_model = patcher.model  # a fresh load when the input was under DynamicVRAM
-        return io.NodeOutput(out, report.text())
+        return with_report(out, report=report.text())
 
 
 class QuantDiTQuantizeCLIPVision(io.ComfyNode):
@@ -121,6 +125,7 @@ class QuantDiTQuantizeCLIPVision(io.ComfyNode):
             node_id="QuantDiTQuantizeCLIPVision",
             display_name="Quantize CLIP Vision (QuantDiT)",
             category="QuantDiT",
+            has_intermediate_output=True,
             description="Quantizes the attention and MLP linears of a loaded CLIP vision encoder one layer at "
                         "a time; the input CLIP_VISION is left unchanged.",
             inputs=[io.ClipVision.Input("clip_vision"),
@@ -136,4 +141,4 @@ class QuantDiTQuantizeCLIPVision(io.ComfyNode):
         out = copy.copy(clip_vision)  # shares the model; the clone patcher swaps layers in at load
         out.patcher = patcher
         out.model = patcher.model
-        return io.NodeOutput(out, report.text())
+        return with_report(out, report=report.text())

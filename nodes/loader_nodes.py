@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..quant.backends import list_backends
 from .dit_loader import COMPUTE_DTYPES, load_quantized_dit
+from .report_output import with_report
 
 
 def backend_options() -> list[str]:
@@ -28,6 +29,7 @@ class QuantDiTLoader(io.ComfyNode):
             node_id="QuantDiTLoader",
             display_name="Load Quantized DiT (QuantDiT)",
             category="QuantDiT/loaders",
+            has_intermediate_output=True,
             description="Loads a pre-quantized diffusion transformer (LightX2V int8/fp8, LLMC export, "
                         "ComfyUI scaled fp8 or _quantization_metadata) from models/diffusion_models. "
                         "The MODEL output feeds KSampler like any other.",
@@ -50,4 +52,4 @@ class QuantDiTLoader(io.ComfyNode):
     def execute(cls, unet_name, backend, compute_dtype) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         model, report = load_quantized_dit(path, backend, compute_dtype)
-        return io.NodeOutput(model, report.text())
+        return with_report(model, report=report.text())

@@ -8,6 +8,7 @@ import comfy.model_management
 from ..quant.hardware import describe, probe, suggest
 from .encoder_nodes import ENCODER_SCHEMES
 from .quantize_nodes import scheme_options
+from .report_output import with_report
 
 
 class QuantDiTHardwareProbe(io.ComfyNode):
@@ -17,6 +18,7 @@ class QuantDiTHardwareProbe(io.ComfyNode):
             node_id="QuantDiTHardwareProbe",
             display_name="Hardware Probe (QuantDiT)",
             category="QuantDiT",
+            has_intermediate_output=True,
             description="Reads ComfyUI's GPU (name, compute capability, memory) and the kernel providers "
                         "installed, and suggests a scheme for the diffusion model and one for the encoders. "
                         "Wire dit_scheme into Quantize Model's scheme input and encoder_scheme into Quantize "
@@ -35,4 +37,4 @@ class QuantDiTHardwareProbe(io.ComfyNode):
     def execute(cls) -> io.NodeOutput:
         facts = probe(comfy.model_management.get_torch_device())
         dit, encoders = suggest(facts)
-        return io.NodeOutput(dit.scheme, encoders.scheme, describe(facts, [dit, encoders]))
+        return with_report(dit.scheme, encoders.scheme, report=describe(facts, [dit, encoders]))

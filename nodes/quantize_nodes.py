@@ -7,6 +7,7 @@ from ..quant.filters import LayerFilter, split_patterns
 from ..quant.schemes import all_names, resolve
 from .loader_nodes import backend_input
 from .model_quantizer import quantize_model
+from .report_output import with_report
 
 _RUNTIME_SCHEMES = ["fp8-w8a8", "int8-w8a8", "fp8-block128", "fp8-weight-only", "int8-weight-only", "int4-g128"]
 _NOT_RUNTIME = {"none", "default", "fp8-scaled", "fp8-e5m2-weight-only", "fp8-e5m2-scaled"}
@@ -49,6 +50,7 @@ class QuantDiTQuantizeModel(io.ComfyNode):
             node_id="QuantDiTQuantizeModel",
             display_name="Quantize Model (QuantDiT)",
             category="QuantDiT",
+            has_intermediate_output=True,
             description="Quantizes the transformer-block linears of a loaded MODEL, one layer at a time. "
                         "The input MODEL is left unchanged; LoRAs applied before or after still work.",
             inputs=[
@@ -72,7 +74,7 @@ class QuantDiTQuantizeModel(io.ComfyNode):
         out, report = quantize_model(model, resolved, backend,
                                      _layer_filter(skip_patterns, keep_small_m_layers, quantize_modulation),
                                      f"Quantize Model: {scheme}")
-        return io.NodeOutput(out, report.text())
+        return with_report(out, report=report.text())
 
 
 class QuantDiTLayerwiseFP8Cast(io.ComfyNode):
@@ -82,6 +84,7 @@ class QuantDiTLayerwiseFP8Cast(io.ComfyNode):
             node_id="QuantDiTLayerwiseFP8Cast",
             display_name="Layerwise FP8 Cast (QuantDiT)",
             category="QuantDiT",
+            has_intermediate_output=True,
             description="Stores the transformer-block linears as fp8 (e4m3fn or e5m2) with a scale and casts each "
                         "layer back to the compute dtype in its forward: half the weight memory, bf16/fp16 "
                         "math, works on GPUs without fp8 tensor cores.",
@@ -107,4 +110,4 @@ class QuantDiTLayerwiseFP8Cast(io.ComfyNode):
         out, report = quantize_model(model, resolve(scheme), "auto",
                                      _layer_filter(skip_patterns, keep_small_m_layers, quantize_modulation),
                                      f"Layerwise FP8 Cast: {storage} {scale}")
-        return io.NodeOutput(out, report.text())
+        return with_report(out, report=report.text())

@@ -37,10 +37,24 @@ if [ ! -f "$COMFY/.installed" ]; then
   touch "$COMFY/.installed"
 fi
 
-if [ ! -f "$VENV/.dev-installed" ]; then
+# The stamp holds the requirements' checksum, so a tool added later is installed on the next run.
+dev_sum="$(sha256sum "$ROOT/requirements-dev.txt" | cut -d' ' -f1)"
+if [ "$(cat "$VENV/.dev-installed" 2>/dev/null)" != "$dev_sum" ]; then
   echo "[setup] installing test tools"
   $PIP install -q -r "$ROOT/requirements-dev.txt"
-  touch "$VENV/.dev-installed"
+  echo "$dev_sum" > "$VENV/.dev-installed"
+fi
+
+# tests/e2e/test_web.py drives ComfyUI's frontend in a real browser: Debian's headless Chromium.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian's chromium and chromium-driver"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+  else
+    echo "[setup] chromium / chromedriver missing: install Debian's chromium and chromium-driver" \
+         "(sudo apt-get install chromium chromium-driver), or tests/e2e/test_web.py fails"
+  fi
 fi
 
 link="$COMFY/custom_nodes/ComfyUI-QuantDiT"

@@ -1,7 +1,6 @@
 """The pack inside a real ComfyUI server (subprocess, --cpu), driven over HTTP like a user's frontend.
 
-One server per module (16 s to start on 2 cores); it is stopped even when a test fails.
-Models are the demo's (scripts/demo.py): a tiny Wan 2.1 DiT with text_dim=64 + a tiny int8 umT5 (.pth).
+The server and its models come from conftest.py (one server for every e2e test).
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from scripts import demo  # noqa: E402
-from scripts.comfy_server import ComfyServer, PromptExecutionError  # noqa: E402
+from scripts.comfy_server import PromptExecutionError  # noqa: E402
 
 EXAMPLE_WORKFLOW = os.path.join(ROOT, "example_workflows", "wan21_t2v_quantdit.json")
 BF16 = demo.VARIANT["bf16"]
@@ -25,23 +24,6 @@ INT8 = demo.VARIANT["int8-lightx2v"]
 TRUNCATED_NAME = "wan21_tiny_int8_truncated.safetensors"
 # EmptyHunyuanLatentVideo 64x64x5 with Wan's 8x spatial / 4x temporal compression.
 EXPECTED_LATENT_SHAPE = [1, 16, (5 - 1) // 4 + 1, 64 // 8, 64 // 8]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("e2e_models")
-    paths = demo.make_models(str(folder), variants=(BF16, INT8), log=lambda _: None)
-    return str(folder), paths
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, models):
-    srv = ComfyServer(models_dir=models[0], work_dir=str(tmp_path_factory.mktemp("e2e_run")))
-    srv.start(timeout=180)
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
