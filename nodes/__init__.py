@@ -6,6 +6,7 @@ from .encoder_nodes import (QuantDiTCLIPVisionLoader, QuantDiTQuantizeCLIPVision
 from .loader_nodes import QuantDiTLoader
 from .probe_node import QuantDiTHardwareProbe
 from .quantize_nodes import QuantDiTLayerwiseFP8Cast, QuantDiTQuantizeModel
+from .save_node import QuantDiTSaveQuantized
 
 NODES = [QuantDiTLoader, QuantDiTQuantizeModel, QuantDiTLayerwiseFP8Cast, QuantDiTT5Loader, QuantDiTCLIPVisionLoader,
-         QuantDiTQuantizeTextEncoder, QuantDiTQuantizeCLIPVision, QuantDiTHardwareProbe]
+         QuantDiTQuantizeTextEncoder, QuantDiTQuantizeCLIPVision, QuantDiTHardwareProbe, QuantDiTSaveQuantized]

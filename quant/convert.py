@@ -18,6 +18,7 @@ import torch
 from . import reference
 from .errors import CheckpointError
 from .filters import DEFAULT_FILTER, LayerFilter
+from .formats.detect import WEIGHT_ONLY_KEY
 from .formats.safetensors_file import SafetensorsFile
 from .formats.writer import PlannedTensor, write_safetensors
 from .schemes import BLOCK_128, FP8_E4M3, INT8, PER_CHANNEL, PER_TENSOR, Scheme, resolve
@@ -38,6 +39,45 @@ def _check_layout(scheme: Scheme, layout: str):
     if scheme.name not in ok[layout]:
         raise ValueError(f"the {layout} layout cannot hold scheme {scheme.name}; it holds "
                          f"{', '.join(sorted(ok[layout]))}")
+
+
+# The schemes a file in each layout reloads as (quant/formats/detect.py). LightX2V's per-channel
+# int8/fp8 layers read as W8A8 unless the file's metadata lists them as weight-only.
+RELOADS_AS = {LIGHTX2V: {"int8-w8a8", "fp8-w8a8", "fp8-block128", "int8-weight-only", "fp8-weight-only"},
+              COMFY_SCALED: {"fp8-scaled"}}
+
+
+def layout_holding(scheme_names: set[str]) -> str:
+    """The one file layout whose files reload as every one of these schemes; ValueError otherwise."""
+    for layout, held in RELOADS_AS.items():
+        if scheme_names <= held:
+            return layout
+    raise ValueError(f"no checkpoint layout reloads {', '.join(sorted(scheme_names))} as such: LightX2V's holds "
+                     f"{', '.join(sorted(RELOADS_AS[LIGHTX2V]))}, ComfyUI's scaled fp8 holds fp8-scaled")
+
+
+def quantized_entries(layer: str, shape: tuple[int, int], scheme: Scheme, layout: str,
+                      qdata: Callable[[], torch.Tensor], scale: Callable[[], torch.Tensor]) -> list[PlannedTensor]:
+    """A quantized layer's tensors as `layout` names them: the 8-bit weight and its float32 scale."""
+    out_f, in_f = shape
+    scale_shape = _scale_shape(scheme, out_f, in_f)
+    scale_key = layer + (".scale_weight" if layout == COMFY_SCALED else ".weight_scale")
+    return [PlannedTensor(layer + ".weight", _DTYPE_OF_FORMAT[scheme.weight_format], shape, qdata),
+            PlannedTensor(scale_key, torch.float32, scale_shape, lambda: scale().float().reshape(scale_shape))]
+
+
+def layout_extras(layout: str, quantized_layers: list[str], metadata: dict[str, str],
+                  weight_only: list[str] = ()) -> list[PlannedTensor]:
+    """What a layout adds besides the layers: ComfyUI's scaled-fp8 marker tensor, or its metadata;
+    the list of weight-only layers, which read as W8A8 without it."""
+    if weight_only and layout == LIGHTX2V:
+        metadata[WEIGHT_ONLY_KEY] = json.dumps(sorted(weight_only))
+    if layout == COMFY_METADATA:
+        metadata["_quantization_metadata"] = json.dumps(
+            {"format_version": "1.0", "layers": {n: {"format": "float8_e4m3fn"} for n in quantized_layers}})
+    if layout == COMFY_SCALED:
+        return [PlannedTensor("scaled_fp8", torch.float8_e4m3fn, (0,), lambda: torch.empty(0, dtype=torch.float8_e4m3fn))]
+    return []
 
 
 def _scale_shape(scheme: Scheme, out_f: int, in_f: int) -> tuple[int, ...]:
@@ -73,7 +113,6 @@ def convert(src: str, dst: str, scheme_name: str, layout: str = LIGHTX2V,
         return cache[key]
 
     planned, report = [], {"quantized": [], "skipped": {}}
-    scale_suffix = ".weight_scale" if layout != COMFY_SCALED else ".scale_weight"
     for key in f.keys():
         shape = f.shape(key)
         layer = key[: -len(".weight")] if key.endswith(".weight") else None
@@ -83,18 +122,12 @@ def convert(src: str, dst: str, scheme_name: str, layout: str = LIGHTX2V,
                 report["skipped"][layer] = reason
             planned.append(PlannedTensor(key, _torch_dtype(f, key), shape, lambda k=key: f.get(k)))
             continue
-        out_f, in_f = shape
-        qdtype = _DTYPE_OF_FORMAT[scheme.weight_format]
-        planned.append(PlannedTensor(key, qdtype, shape, lambda k=key: quantized(k)[0]))
-        planned.append(PlannedTensor(layer + scale_suffix, torch.float32, _scale_shape(scheme, out_f, in_f),
-                                     lambda k=key, s=_scale_shape(scheme, out_f, in_f): quantized(k)[1].reshape(s)))
+        planned += quantized_entries(layer, shape, scheme, layout, lambda k=key: quantized(k)[0],
+                                     lambda k=key: quantized(k)[1])
         report["quantized"].append(layer)
     metadata = dict(f.metadata)
-    if layout == COMFY_SCALED:
-        planned.append(PlannedTensor("scaled_fp8", torch.float8_e4m3fn, (0,), lambda: torch.empty(0, dtype=torch.float8_e4m3fn)))
-    if layout == COMFY_METADATA:
-        metadata["_quantization_metadata"] = json.dumps(
-            {"format_version": "1.0", "layers": {n: {"format": "float8_e4m3fn"} for n in report["quantized"]}})
+    planned += layout_extras(layout, report["quantized"], metadata,
+                             report["quantized"] if not scheme.quantizes_activation else ())
     metadata["quantdit_scheme"] = scheme.name
     write_safetensors(dst, planned, metadata, progress)
     return report

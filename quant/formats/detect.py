@@ -95,6 +95,7 @@ def _plan_lightx2v(f: SafetensorsFile) -> CheckpointPlan:
     plan = CheckpointPlan(f.path)
     keys = set(f.keys())
     any_scale = any(k.endswith(".weight_scale") for k in keys)
+    weight_only = _weight_only_layers(f)
     for key in sorted(keys):
         layer = _layer_of(key, ".weight")
         if layer is None:
@@ -119,8 +120,31 @@ def _plan_lightx2v(f: SafetensorsFile) -> CheckpointPlan:
                                   "use a complete LightX2V/LLMC export (every quantized weight needs its "
                                   "float32 weight_scale).", layer)
         scheme = _scheme_from_scale_shape(f, layer, fmt, f.shape(scale_key), out_f, in_f)
+        if layer in weight_only and scheme in _WEIGHT_ONLY_OF:
+            scheme = _WEIGHT_ONLY_OF[scheme]
         plan.layers[layer] = LayerQuant(layer, scheme, LIGHTX2V, key, scale_key, (out_f, in_f))
     return plan
+
+
+# A per-channel int8/fp8 layer reads as W8A8 unless this pack's metadata lists it as weight-only
+# (quant/convert.py and Save Quantized DiT write the list): the tensors are the same.
+WEIGHT_ONLY_KEY = "quantdit_weight_only"
+_WEIGHT_ONLY_OF = {"int8-w8a8": "int8-weight-only", "fp8-w8a8": "fp8-weight-only"}
+
+
+def _weight_only_layers(f: SafetensorsFile) -> set[str]:
+    raw = f.metadata.get(WEIGHT_ONLY_KEY)
+    if raw is None:
+        return set()
+    try:
+        layers = json.loads(raw)
+        if isinstance(layers, list) and all(isinstance(x, str) for x in layers):
+            return set(layers)
+    except ValueError:
+        pass
+    raise CheckpointError(f.path, f"its '{WEIGHT_ONLY_KEY}' metadata is not a JSON list of layer names.",
+                          "re-export the checkpoint, or remove that metadata entry to load every 8-bit "
+                          "per-channel layer as W8A8.")
 
 
 def _scheme_from_scale_shape(f, layer, fmt, sshape, out_f, in_f) -> str:

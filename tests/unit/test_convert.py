@@ -288,3 +288,24 @@ def test_cli_main_rejects_bad_layout_without_writing(src, tmp_path, capsys):
     assert not dst.exists() and partials(tmp_path) == []
     assert main([str(src), str(dst), "--scheme", "fp8-sgl"]) == 0
     assert plan_checkpoint(SafetensorsFile(str(dst))).scheme_counts() == {"fp8-w8a8": len(BLOCK_LINEARS)}
+
+
+@pytest.mark.parametrize("scheme", ["int8-weight-only", "fp8-weight-only", "int8-w8a8"])
+def test_weight_only_files_load_back_as_weight_only(tmp_path, scheme):
+    """LightX2V's layout stores 8-bit weight-only and W8A8 layers alike; the metadata tells them apart."""
+    src, dst = tmp_path / "s.safetensors", tmp_path / "d.safetensors"
+    save_file(wan21_dit(dim=128, ffn_dim=256, num_layers=1), str(src))
+    report = convert(str(src), str(dst), scheme, "lightx2v")
+    plan = plan_checkpoint(SafetensorsFile(str(dst)))
+    assert plan.scheme_counts() == {scheme: len(report["quantized"])}
+
+
+def test_a_broken_weight_only_list_is_refused_with_the_file_named(tmp_path):
+    src, dst = tmp_path / "s.safetensors", tmp_path / "d.safetensors"
+    save_file(wan21_dit(dim=128, ffn_dim=256, num_layers=1), str(src))
+    convert(str(src), str(dst), "int8-w8a8", "lightx2v")
+    broken = tmp_path / "broken.safetensors"
+    save_file(load_file(str(dst)), str(broken), metadata={"quantdit_weight_only": "blocks.0.ffn.0"})
+    with pytest.raises(CheckpointError) as caught:
+        plan_checkpoint(SafetensorsFile(str(broken)))
+    assert "broken.safetensors" in str(caught.value) and "quantdit_weight_only" in str(caught.value)

@@ -1,0 +1,83 @@
+"""Writes a quantized MODEL's diffusion model to a checkpoint that Load Quantized DiT reads back as
+the same model: LightX2V's layout for W8A8, block-128 and 8-bit weight-only layers (the file's
+metadata lists the weight-only ones), ComfyUI's scaled fp8 for per-tensor fp8 (which stock ComfyUI
+loads too). One tensor is produced and written at a time."""
+from __future__ import annotations
+
+import torch
+
+import comfy.utils
+
+from ..quant.convert import layout_extras, layout_holding, quantized_entries
+from ..quant.formats.writer import PlannedTensor, write_safetensors
+from .ops import QuantLinearMixin
+
+ROOT = "diffusion_model"
+
+
+class SaveRefused(ValueError):
+    """The MODEL cannot be written as it runs; the message says why and what to do."""
+
+
+def quantized_layers(patcher) -> dict[str, torch.nn.Module]:
+    """{layer name in the diffusion model: quantized module}, object patches (Quantize Model) first,
+    then the modules themselves (Load Quantized DiT)."""
+    found = {}
+    for name, module in patcher.get_model_object(ROOT).named_modules():
+        module = patcher.object_patches.get(f"{ROOT}.{name}", module)
+        if isinstance(module, QuantLinearMixin) and module.quant_scheme is not None:
+            found[name] = module
+    return found
+
+
+def _check(patcher, layers: dict[str, torch.nn.Module]) -> str:
+    if not layers:
+        raise SaveRefused("this MODEL has no quantized layers: connect Quantize Model, Layerwise FP8 Cast "
+                          "(per-tensor) or Load Quantized DiT before Save Quantized DiT")
+    if patcher.patches:
+        raise SaveRefused(f"this MODEL carries LoRA patches on {len(patcher.patches)} weights, which the file "
+                          "would not hold: save the model before LoraLoader, then apply the LoRA after loading it")
+    schemes = {m.quant_scheme.name for m in layers.values()}
+    try:
+        return layout_holding(schemes)
+    except ValueError as e:
+        first = {s: next(n for n, m in layers.items() if m.quant_scheme.name == s) for s in sorted(schemes)}
+        examples = ", ".join(f"{n} is {s}" for s, n in first.items())
+        raise SaveRefused(f"{e} ({examples}). Models quantized with int8/fp8 W8A8, fp8-block128 or 8-bit "
+                          "weight-only, or with Layerwise FP8 Cast per-tensor, can be saved") from None
+
+
+def plan(patcher) -> tuple[list[PlannedTensor], dict[str, str], str, dict[str, int]]:
+    """The tensors to write, the file's metadata, its layout and {scheme: layers}."""
+    layers = quantized_layers(patcher)
+    layout = _check(patcher, layers)
+    state = patcher.get_model_object(ROOT).state_dict(keep_vars=True)
+    planned, counts = [], {}
+    for name, module in layers.items():
+        scheme = module.quant_scheme
+        planned += quantized_entries(name, tuple(module.weight.shape), scheme, layout,
+                                     lambda m=module: m.weight, lambda m=module: m.weight_scale)
+        if module.bias is not None:
+            planned.append(PlannedTensor(name + ".bias", module.bias.dtype, tuple(module.bias.shape),
+                                         lambda m=module: m.bias))
+        counts[scheme.name] = counts.get(scheme.name, 0) + 1
+    written = {t.name for t in planned}
+    replaced = {f"{n}.{p}" for n in layers for p in ("weight", "weight_scale", "bias", "scale_weight")}
+    for key, tensor in state.items():
+        if key in written or key in replaced:
+            continue
+        if tensor.is_meta:
+            raise SaveRefused(f"{key} has no data (it lives on the meta device): load the model fully first")
+        planned.append(PlannedTensor(key, tensor.dtype, tuple(tensor.shape), lambda t=tensor: t))
+    metadata: dict[str, str] = {"quantdit_layout": layout}
+    weight_only = [n for n, m in layers.items() if not m.quant_scheme.quantizes_activation]
+    planned += layout_extras(layout, list(layers), metadata, weight_only)
+    metadata["quantdit_schemes"] = ",".join(f"{s}:{n}" for s, n in sorted(counts.items()))
+    return planned, metadata, layout, counts
+
+
+def write(planned: list[PlannedTensor], metadata: dict[str, str], path: str) -> int:
+    """Writes the file atomically (a partial file never takes the name); returns its size in bytes."""
+    pbar = comfy.utils.ProgressBar(len(planned))
+    write_safetensors(path, planned, metadata, progress=lambda done, total: pbar.update_absolute(done, total))
+    return sum(t.nbytes for t in planned)
