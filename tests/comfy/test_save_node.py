@@ -22,6 +22,15 @@ def sources(comfy, models_dir):
     return {"wan": (WAN, wan_fixtures), "flux": (FLUX, flux_fixtures)}
 
 
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def comfy_device():
+    import comfy.model_management
+    return comfy.model_management.get_torch_device()
+
+
 def node(comfy, name):
     return comfy[0].NODE_CLASS_MAPPINGS[name]
 
@@ -85,9 +94,14 @@ def test_per_tensor_fp8_saves_in_comfyuis_own_layout(comfy, models_dir, sources)
         assert "scaled_fp8" in f.keys() and "blocks.0.ffn.0.scale_weight" in f.keys()
     ours = sample(comfy, fixtures, reload(comfy, name)[0])
     assert torch.equal(ours, sample(comfy, fixtures, cast))
-    # Stock ComfyUI's UNETLoader reads the file too (its own scaled-fp8 path).
+    # Stock ComfyUI's UNETLoader reads the file too (its own scaled-fp8 path). On the CPU it does
+    # the same math; on an fp8 GPU it also quantizes the activations (measured over 1% from ours on
+    # the H100), so there the check is against bf16: a misread file would be off by about 100%.
     stock = sample(comfy, fixtures, load_bf16(comfy, name))
-    assert float((stock - ours).norm() / ours.norm()) < 0.01
+    if comfy_device().type == "cpu":
+        assert rel_err(stock, ours) < 0.01
+    else:
+        assert rel_err(stock, sample(comfy, fixtures, load_bf16(comfy, file))) < 0.1
 
 
 def test_loaded_quantized_model_saves_again_unchanged(comfy, models_dir, sources):
