@@ -4,6 +4,8 @@ metadata lists the weight-only ones), ComfyUI's scaled fp8 for per-tensor fp8 (w
 loads too). One tensor is produced and written at a time."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 import comfy.utils
@@ -68,12 +70,30 @@ def plan(patcher) -> tuple[list[PlannedTensor], dict[str, str], str, dict[str, i
             continue
         if tensor.is_meta:
             raise SaveRefused(f"{key} has no data (it lives on the meta device): load the model fully first")
-        planned.append(PlannedTensor(key, tensor.dtype, tuple(tensor.shape), lambda t=tensor: t))
-    metadata: dict[str, str] = {"quantdit_layout": layout}
+        dtype = _smallest_exact_dtype(tensor)
+        planned.append(PlannedTensor(key, dtype, tuple(tensor.shape), lambda t=tensor, d=dtype: t.to(d)))
+    # ComfyUI builds some models partly from the file's "config" metadata (Wan's text_dim, for one):
+    # the config this model was built with, so the file builds the same model again.
+    metadata: dict[str, str] = {"quantdit_layout": layout, "config": json.dumps({"transformer": _model_config(patcher)})}
     weight_only = [n for n, m in layers.items() if not m.quant_scheme.quantizes_activation]
     planned += layout_extras(layout, list(layers), metadata, weight_only)
     metadata["quantdit_schemes"] = ",".join(f"{s}:{n}" for s, n in sorted(counts.items()))
     return planned, metadata, layout, counts
+
+
+def _smallest_exact_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """bf16 for an fp32 tensor whose values are all bf16 values (ComfyUI upcast a bf16 checkpoint
+    for the CPU): the file then keeps the source's size. Any other tensor keeps its dtype."""
+    if tensor.dtype == torch.float32 and torch.equal(tensor.to(torch.bfloat16).float(), tensor):
+        return torch.bfloat16
+    return tensor.dtype
+
+
+def _model_config(patcher) -> dict:
+    plain = (int, float, str, bool, type(None))
+    config = getattr(getattr(patcher.model, "model_config", None), "unet_config", {}) or {}
+    return {k: v for k, v in config.items()
+            if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
 
 
 def write(planned: list[PlannedTensor], metadata: dict[str, str], path: str) -> int:

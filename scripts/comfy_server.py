@@ -85,6 +85,7 @@ def write_extra_model_paths(yaml_path: str, models_dir: str, name: str = "quantd
         os.makedirs(os.path.join(models_dir, sub), exist_ok=True)
     text = (f"{name}:\n"
             f"  base_path: {json.dumps(models_dir)}\n"
+            f"  is_default: true\n"  # what the server writes into models/ (Save Quantized DiT) lands here
             f"  diffusion_models: diffusion_models/\n"
             f"  text_encoders: |\n"
             f"    text_encoders/\n"

@@ -19,6 +19,7 @@ from scripts import demo  # noqa: E402
 from scripts.comfy_server import PromptExecutionError  # noqa: E402
 
 EXAMPLE_WORKFLOW = os.path.join(ROOT, "example_workflows", "wan21_t2v_quantdit.json")
+SAVE_WORKFLOW = os.path.join(ROOT, "example_workflows", "quantize_and_save_dit.json")
 BF16 = demo.VARIANT["bf16"]
 INT8 = demo.VARIANT["int8-lightx2v"]
 TRUNCATED_NAME = "wan21_tiny_int8_truncated.safetensors"
@@ -167,21 +168,10 @@ def _check_widgets(node, node_info, problems):
         problems.append(f"{where}: {len(values)} widget values left over: {values}")
 
 
-@pytest.mark.e2e
-def test_example_workflow_matches_server(server):
-    with open(EXAMPLE_WORKFLOW, encoding="utf-8") as f:
-        wf = json.load(f)
-    info = server.object_info()
-    assert wf["version"] == 0.4
+def workflow_problems(wf: dict, info: dict) -> list[str]:
+    """Everything in a UI-format workflow that the running server would not accept as the frontend
+    lays it out: dangling or mistyped links, unconnected required inputs, widget values out of place."""
     nodes = {n["id"]: n for n in wf["nodes"]}
-    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
-    missing = sorted({n["type"] for n in wf["nodes"]} - set(info))
-    assert not missing, f"node types the server does not have: {missing}"
-    assert {n["type"] for n in wf["nodes"]} >= {"QuantDiTLoader", "QuantDiTT5Loader", "VAELoader", "CLIPTextEncode",
-                                                "EmptyHunyuanLatentVideo", "KSampler", "VAEDecode",
-                                                "SaveAnimatedWEBP"}
-    assert wf["last_node_id"] >= max(nodes) and wf["last_link_id"] >= max(l[0] for l in wf["links"])
-
     problems = []
     link_ids = set()
     for link_id, src_id, src_slot, dst_id, dst_slot, link_type in wf["links"]:
@@ -227,6 +217,25 @@ def test_example_workflow_matches_server(server):
                 if l not in link_ids:
                     problems.append(f"node {n['id']}: output {o['name']} names unknown link {l}")
         _check_widgets(n, node_info, problems)
+    return problems
+
+
+@pytest.mark.e2e
+def test_example_workflow_matches_server(server):
+    with open(EXAMPLE_WORKFLOW, encoding="utf-8") as f:
+        wf = json.load(f)
+    info = server.object_info()
+    assert wf["version"] == 0.4
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    missing = sorted({n["type"] for n in wf["nodes"]} - set(info))
+    assert not missing, f"node types the server does not have: {missing}"
+    assert {n["type"] for n in wf["nodes"]} >= {"QuantDiTLoader", "QuantDiTT5Loader", "VAELoader", "CLIPTextEncode",
+                                                "EmptyHunyuanLatentVideo", "KSampler", "VAEDecode",
+                                                "SaveAnimatedWEBP"}
+    assert wf["last_node_id"] >= max(nodes) and wf["last_link_id"] >= max(l[0] for l in wf["links"])
+
+    problems = workflow_problems(wf, info)
     assert not problems, "\n".join(problems)
 
     # what real users get
@@ -240,3 +249,48 @@ def test_example_workflow_matches_server(server):
     ks = by_type["KSampler"][0]["widgets_values"]
     assert (ks[2], ks[3], ks[4], ks[5]) == (30, 6, "uni_pc", "simple")
     assert len(by_type["CLIPTextEncode"]) == 2
+
+
+def api_prompt(wf: dict, info: dict) -> dict:
+    """The API-format prompt the frontend queues for a UI-format workflow (one workflow_problems
+    accepts): links become [node id, slot], widget values take their inputs' names in order."""
+    links = {link[0]: link for link in wf["links"]}
+    prompt = {}
+    for n in wf["nodes"]:
+        inputs = {i["name"]: [str(links[i["link"]][1]), links[i["link"]][2]]
+                  for i in n.get("inputs", []) if i.get("link") is not None}
+        values = list(n.get("widgets_values", []))
+        for name, spec, _ in _inputs(info[n["type"]]):
+            if _is_widget(spec) and name not in inputs and values:
+                inputs[name] = values.pop(0)
+                if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
+                    values.pop(0)
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.e2e
+def test_quantize_and_save_workflow_writes_a_file_the_loader_runs(server, bf16_latent):
+    """example_workflows/quantize_and_save_dit.json, run by the server on the demo's bf16 DiT; the
+    file it saves then runs through Load Quantized DiT -> KSampler."""
+    with open(SAVE_WORKFLOW, encoding="utf-8") as f:
+        wf = json.load(f)
+    info = server.object_info()
+    problems = workflow_problems(wf, info)
+    assert not problems, "\n".join(problems)
+    prompt = api_prompt(wf, info)
+    by_type = {v["class_type"]: v["inputs"] for v in prompt.values()}
+    assert set(by_type) == {"UNETLoader", "QuantDiTQuantizeModel", "QuantDiTSaveQuantized"}
+    assert by_type["UNETLoader"]["unet_name"] == "wan2.1_t2v_14B_bf16.safetensors"  # what real users get
+    assert by_type["QuantDiTQuantizeModel"]["scheme"] == "int8-w8a8"
+    by_type["UNETLoader"]["unet_name"] = BF16.file_name
+    by_type["QuantDiTSaveQuantized"]["filename_prefix"] = "e2e_saved/wan"
+    result = server.run_prompt(prompt)
+    assert result.history["status"]["status_str"] == "success"
+    save_id = next(k for k, v in prompt.items() if v["class_type"] == "QuantDiTSaveQuantized")
+    report = result.history["outputs"][save_id]["text"][0]  # the report the node shows
+    saved = report.splitlines()[0].removeprefix("QuantDiT: saved ").removesuffix(" in models/diffusion_models")
+    assert saved.startswith("e2e_saved/wan_") and saved.endswith(".safetensors"), report
+    run = server.run_prompt(demo.build_prompt(saved, filename_prefix="e2e_saved_run"))
+    err = demo.rel_l2(demo.load_latent(demo.saved_latent(server, run)), bf16_latent)
+    assert 0 < err < 0.05, f"the saved int8 model's output is {err:.4f} (relative L2) from bf16"
