@@ -60,8 +60,7 @@ def plan(patcher) -> tuple[list[PlannedTensor], dict[str, str], str, dict[str, i
         planned += quantized_entries(name, tuple(module.weight.shape), scheme, layout,
                                      lambda m=module: m.weight, lambda m=module: m.weight_scale)
         if module.bias is not None:
-            planned.append(PlannedTensor(name + ".bias", module.bias.dtype, tuple(module.bias.shape),
-                                         lambda m=module: m.bias))
+            planned.append(_unquantized(name + ".bias", module.bias))
         counts[scheme.name] = counts.get(scheme.name, 0) + 1
     written = {t.name for t in planned}
     replaced = {f"{n}.{p}" for n in layers for p in ("weight", "weight_scale", "bias", "scale_weight")}
@@ -70,8 +69,7 @@ def plan(patcher) -> tuple[list[PlannedTensor], dict[str, str], str, dict[str, i
             continue
         if tensor.is_meta:
             raise SaveRefused(f"{key} has no data (it lives on the meta device): load the model fully first")
-        dtype = _smallest_exact_dtype(tensor)
-        planned.append(PlannedTensor(key, dtype, tuple(tensor.shape), lambda t=tensor, d=dtype: t.to(d)))
+        planned.append(_unquantized(key, tensor))
     # ComfyUI builds some models partly from the file's "config" metadata (Wan's text_dim, for one):
     # the config this model was built with, so the file builds the same model again.
     metadata: dict[str, str] = {"quantdit_layout": layout, "config": json.dumps({"transformer": _model_config(patcher)})}
@@ -81,12 +79,13 @@ def plan(patcher) -> tuple[list[PlannedTensor], dict[str, str], str, dict[str, i
     return planned, metadata, layout, counts
 
 
-def _smallest_exact_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """bf16 for an fp32 tensor whose values are all bf16 values (ComfyUI upcast a bf16 checkpoint
-    for the CPU): the file then keeps the source's size. Any other tensor keeps its dtype."""
-    if tensor.dtype == torch.float32 and torch.equal(tensor.to(torch.bfloat16).float(), tensor):
-        return torch.bfloat16
-    return tensor.dtype
+def _unquantized(key: str, tensor: torch.Tensor) -> PlannedTensor:
+    """An fp32 tensor whose values are all bf16 values (ComfyUI upcast a bf16 checkpoint for the
+    CPU) is written as bf16, keeping the source's size; any other tensor keeps its dtype."""
+    dtype = tensor.dtype
+    if dtype == torch.float32 and torch.equal(tensor.detach().to(torch.bfloat16).float(), tensor.detach()):
+        dtype = torch.bfloat16
+    return PlannedTensor(key, dtype, tuple(tensor.shape), lambda: tensor.detach().to(dtype))
 
 
 def _model_config(patcher) -> dict:
