@@ -44,6 +44,14 @@ def _patch_key(root: str, name: str) -> str:
     return f"{root}.{name}" if root else name
 
 
+def patched_modules(patcher, root: str = ROOT):
+    """(name, module) for every module under `root` ("" for the whole model) as the patched model
+    runs it: an object patch stands in for the module it replaces."""
+    top = patcher.get_model_object(root) if root else patcher.model
+    for name, module in top.named_modules():
+        yield name, patcher.object_patches.get(_patch_key(root, name), module)
+
+
 def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: LayerFilter,
                    title: str, root: str = ROOT):
     """`model` is a ModelPatcher; `root` names the module inside it whose Linears are quantized
@@ -60,10 +68,8 @@ def quantize_model(model, resolved: ResolvedScheme, backend: str, layer_filter: 
     _release_patched_weights(model)
     report = QuantReport(source=title, layout=f"runtime {scheme.name}")
     skipped: Counter[str] = Counter()
-    top = model.get_model_object(root) if root else model.model
     candidates = []
-    for name, module in top.named_modules():
-        module = model.object_patches.get(_patch_key(root, name), module)
+    for name, module in patched_modules(model, root):
         if isinstance(module, QuantLinearMixin) and module.quant_scheme is not None:
             skipped[f"already quantized ({module.quant_scheme.name})"] += 1
             continue

@@ -12,24 +12,18 @@ import comfy.utils
 
 from ..quant.convert import layout_extras, layout_holding, quantized_entries
 from ..quant.formats.writer import PlannedTensor, write_safetensors
+from .model_quantizer import ROOT, patched_modules
 from .ops import QuantLinearMixin
-
-ROOT = "diffusion_model"
-
 
 class SaveRefused(ValueError):
     """The MODEL cannot be written as it runs; the message says why and what to do."""
 
 
 def quantized_layers(patcher) -> dict[str, torch.nn.Module]:
-    """{layer name in the diffusion model: quantized module}, object patches (Quantize Model) first,
-    then the modules themselves (Load Quantized DiT)."""
-    found = {}
-    for name, module in patcher.get_model_object(ROOT).named_modules():
-        module = patcher.object_patches.get(f"{ROOT}.{name}", module)
-        if isinstance(module, QuantLinearMixin) and module.quant_scheme is not None:
-            found[name] = module
-    return found
+    """{layer name in the diffusion model: quantized module}: object patches (Quantize Model) or the
+    model's own modules (Load Quantized DiT)."""
+    return {name: module for name, module in patched_modules(patcher)
+            if isinstance(module, QuantLinearMixin) and module.quant_scheme is not None}
 
 
 def _check(patcher, layers: dict[str, torch.nn.Module]) -> str:
@@ -62,10 +56,9 @@ def plan(patcher) -> tuple[list[PlannedTensor], dict[str, str], str, dict[str, i
         if module.bias is not None:
             planned.append(_unquantized(name + ".bias", module.bias))
         counts[scheme.name] = counts.get(scheme.name, 0) + 1
-    written = {t.name for t in planned}
     replaced = {f"{n}.{p}" for n in layers for p in ("weight", "weight_scale", "bias", "scale_weight")}
     for key, tensor in state.items():
-        if key in written or key in replaced:
+        if key in replaced:
             continue
         if tensor.is_meta:
             raise SaveRefused(f"{key} has no data (it lives on the meta device): load the model fully first")

@@ -6,16 +6,16 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from ..quant.convert import COMFY_SCALED, LIGHTX2V
 from .quantized_saver import SaveRefused, plan, write
 from .report_output import with_report
 
-_LAYOUT_NAMES = {"lightx2v": "LightX2V layout", "comfyui-scaled-fp8": "ComfyUI scaled fp8 (stock ComfyUI loads it too)"}
+_LAYOUT_NAMES = {LIGHTX2V: "LightX2V layout", COMFY_SCALED: "ComfyUI scaled fp8 (stock ComfyUI loads it too)"}
 
 
-def output_path(filename_prefix: str) -> str:
-    """A new file under models/diffusion_models: `<prefix>_00001_.safetensors`, the counter past
-    every existing file of that prefix, so nothing is ever overwritten."""
-    base = folder_paths.get_folder_paths("diffusion_models")[0]
+def output_path(filename_prefix: str, base: str) -> str:
+    """A new file under `base`: `<prefix>_00001_.safetensors`, the counter past every existing file
+    of that prefix, so nothing is ever overwritten."""
     folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, base)
     os.makedirs(folder, exist_ok=True)
     while True:
@@ -55,9 +55,9 @@ class QuantDiTSaveQuantized(io.ComfyNode):
             planned, metadata, layout, counts = plan(model)  # refuses before any folder or file is made
         except SaveRefused as e:
             raise ValueError(f"Save Quantized DiT: {e}") from None
-        path = output_path(filename_prefix)
-        size = write(planned, metadata, path)
         base = folder_paths.get_folder_paths("diffusion_models")[0]
+        path = output_path(filename_prefix, base)
+        size = write(planned, metadata, path)
         layers = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         report = (f"QuantDiT: saved {os.path.relpath(path, base)} in models/diffusion_models\n"
                   f"layout: {_LAYOUT_NAMES[layout]}\n"

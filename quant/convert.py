@@ -31,29 +31,28 @@ LAYOUTS = (LIGHTX2V, COMFY_SCALED, COMFY_METADATA)
 _DTYPE_OF_FORMAT = {FP8_E4M3: torch.float8_e4m3fn, INT8: torch.int8}
 
 
+# The schemes a file in each layout holds and reloads as (quant/formats/detect.py). LightX2V's
+# per-channel int8/fp8 layers read as W8A8 unless the file's metadata lists them as weight-only.
+HOLDS = {LIGHTX2V: {"int8-w8a8", "fp8-w8a8", "fp8-block128", "int8-weight-only", "fp8-weight-only"},
+         COMFY_SCALED: {"fp8-scaled"}, COMFY_METADATA: {"fp8-scaled"}}
+
+
 def _check_layout(scheme: Scheme, layout: str):
-    ok = {LIGHTX2V: {"int8-w8a8", "fp8-w8a8", "fp8-block128", "int8-weight-only", "fp8-weight-only"},
-          COMFY_SCALED: {"fp8-scaled"}, COMFY_METADATA: {"fp8-scaled"}}
-    if layout not in ok:
+    if layout not in HOLDS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if scheme.name not in ok[layout]:
+    if scheme.name not in HOLDS[layout]:
         raise ValueError(f"the {layout} layout cannot hold scheme {scheme.name}; it holds "
-                         f"{', '.join(sorted(ok[layout]))}")
-
-
-# The schemes a file in each layout reloads as (quant/formats/detect.py). LightX2V's per-channel
-# int8/fp8 layers read as W8A8 unless the file's metadata lists them as weight-only.
-RELOADS_AS = {LIGHTX2V: {"int8-w8a8", "fp8-w8a8", "fp8-block128", "int8-weight-only", "fp8-weight-only"},
-              COMFY_SCALED: {"fp8-scaled"}}
+                         f"{', '.join(sorted(HOLDS[layout]))}")
 
 
 def layout_holding(scheme_names: set[str]) -> str:
-    """The one file layout whose files reload as every one of these schemes; ValueError otherwise."""
-    for layout, held in RELOADS_AS.items():
-        if scheme_names <= held:
+    """The file layout (LightX2V's, else ComfyUI's scaled fp8) that holds every one of these
+    schemes; ValueError otherwise."""
+    for layout in (LIGHTX2V, COMFY_SCALED):
+        if scheme_names <= HOLDS[layout]:
             return layout
     raise ValueError(f"no checkpoint layout reloads {', '.join(sorted(scheme_names))} as such: LightX2V's holds "
-                     f"{', '.join(sorted(RELOADS_AS[LIGHTX2V]))}, ComfyUI's scaled fp8 holds fp8-scaled")
+                     f"{', '.join(sorted(HOLDS[LIGHTX2V]))}, ComfyUI's scaled fp8 holds fp8-scaled")
 
 
 def quantized_entries(layer: str, shape: tuple[int, int], scheme: Scheme, layout: str,

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
+from scripts import demo  # the repository root is on sys.path: conftest.py
+from scripts.comfy_server import PromptExecutionError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from scripts import demo  # noqa: E402
-from scripts.comfy_server import PromptExecutionError  # noqa: E402
-
 EXAMPLE_WORKFLOW = os.path.join(ROOT, "example_workflows", "wan21_t2v_quantdit.json")
 SAVE_WORKFLOW = os.path.join(ROOT, "example_workflows", "quantize_and_save_dit.json")
 BF16 = demo.VARIANT["bf16"]
@@ -129,23 +125,39 @@ def _is_widget(spec) -> bool:
     return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
 
 
-def _check_widgets(node, node_info, problems):
+MISSING = object()  # a widget input with no value left in widgets_values
+
+
+def _widgets(node, node_info):
+    """Pairs a UI node's widgets_values with the widget inputs it does not link, in the frontend's
+    order: ([(name, spec, required, value or MISSING, control value or None)], values left over)."""
     values = list(node.get("widgets_values", []))
     linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
-    where = f"node {node['id']} ({node['type']})"
+    pairs = []
     for name, spec, required in _inputs(node_info):
         if not _is_widget(spec) or name in linked:
             continue
         if not values:
-            if required:
-                problems.append(f"{where}: no widget value for {name}")
+            pairs.append((name, spec, required, MISSING, None))
             continue
         value = values.pop(0)
         opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        if opts.get("control_after_generate"):
-            control = values.pop(0) if values else None
-            if control not in ("fixed", "increment", "decrement", "randomize"):
-                problems.append(f"{where}: {name} control_after_generate value {control!r}")
+        control = (values.pop(0) if values else MISSING) if opts.get("control_after_generate") else None
+        pairs.append((name, spec, required, value, control))
+    return pairs, values
+
+
+def _check_widgets(node, node_info, problems):
+    where = f"node {node['id']} ({node['type']})"
+    pairs, values = _widgets(node, node_info)
+    for name, spec, required, value, control in pairs:
+        if value is MISSING:
+            if required:
+                problems.append(f"{where}: no widget value for {name}")
+            continue
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if opts.get("control_after_generate") and control not in ("fixed", "increment", "decrement", "randomize"):
+            problems.append(f"{where}: {name} control_after_generate value {None if control is MISSING else control!r}")
         kind = "COMBO" if isinstance(spec[0], list) else spec[0]
         if kind == "COMBO":
             if name not in MODEL_FILE_INPUTS and value not in combo_options(spec):
@@ -259,12 +271,7 @@ def api_prompt(wf: dict, info: dict) -> dict:
     for n in wf["nodes"]:
         inputs = {i["name"]: [str(links[i["link"]][1]), links[i["link"]][2]]
                   for i in n.get("inputs", []) if i.get("link") is not None}
-        values = list(n.get("widgets_values", []))
-        for name, spec, _ in _inputs(info[n["type"]]):
-            if _is_widget(spec) and name not in inputs and values:
-                inputs[name] = values.pop(0)
-                if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
-                    values.pop(0)
+        inputs.update((name, value) for name, _, _, value, _ in _widgets(n, info[n["type"]])[0] if value is not MISSING)
         prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
     return prompt
 
