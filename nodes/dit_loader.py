@@ -6,12 +6,15 @@ import os
 import torch
 
 import comfy.model_detection
+import comfy.model_management
 import comfy.sd
 import comfy.utils
 
+from ..quant.backends.registry import why_not
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.formats.load import layout_of, load_checkpoint
+from ..quant.hardware import FAST_W8A8, fused_w8a8_kernel
 from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import get_scheme
@@ -23,10 +26,24 @@ from .shared_quant import share_row_quant
 
 
 COMPUTE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# How per-tensor fp8 layers run (ComfyUI's scaled fp8 files): widened for a float matmul as stored,
+# as fp8 W8A8, or (auto) W8A8 where a fused fp8 kernel runs on the device.
+SCALED_FP8_MODES = ("auto", "fp8-w8a8", "fp8-scaled")
 
 
-def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "default"):
-    sd, plan, metadata = load_checkpoint(path)
+def scaled_fp8_runs_w8a8(mode: str, backend: str) -> bool:
+    if mode not in SCALED_FP8_MODES:
+        raise ValueError(f"scaled_fp8 must be one of {', '.join(SCALED_FP8_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode == "fp8-w8a8"
+    device = comfy.model_management.get_torch_device()
+    if backend != "auto":
+        return why_not(backend, get_scheme("fp8-w8a8"), device) is None and backend in FAST_W8A8
+    return fused_w8a8_kernel("fp8-w8a8", device) is not None
+
+
+def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "default", scaled_fp8: str = "auto"):
+    sd, plan, metadata = load_checkpoint(path, scaled_fp8_runs_w8a8(scaled_fp8, backend))
     if not plan.is_quantized:
         raise CheckpointError(path, "holds no quantized layers.",
                               "load plain checkpoints with ComfyUI's 'Load Diffusion Model' node, or pass "
@@ -52,6 +69,7 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
                               "the file does not match the architecture ComfyUI detected; re-export it from "
                               "the original model.", unclaimed[0])
     report = build_report(path, layout_of(plan), layers)
+    report.notes.extend(plan.notes)
     defer_gelus(model, report)
     defer_attention_heads(model, report)
     share_row_quant(model, report)

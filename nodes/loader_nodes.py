@@ -5,7 +5,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..quant.backends import list_backends
-from .dit_loader import COMPUTE_DTYPES, load_quantized_dit
+from .dit_loader import COMPUTE_DTYPES, SCALED_FP8_MODES, load_quantized_dit
 from .report_output import with_report
 
 
@@ -31,8 +31,8 @@ class QuantDiTLoader(io.ComfyNode):
             category="QuantDiT/loaders",
             has_intermediate_output=True,
             description="Loads a pre-quantized diffusion transformer (LightX2V int8/fp8, LLMC export, "
-                        "ComfyUI scaled fp8 or _quantization_metadata) from models/diffusion_models. "
-                        "The MODEL output feeds KSampler like any other.",
+                        "ComfyUI scaled fp8, or ComfyUI's own fp8 / int8 quantized files) from "
+                        "models/diffusion_models. The MODEL output feeds KSampler like any other.",
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
                                tooltip="A quantized DiT file in models/diffusion_models."),
@@ -40,6 +40,14 @@ class QuantDiTLoader(io.ComfyNode):
                 io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="default",
                                tooltip="dtype for activations and the unquantized layers. 'default' lets "
                                        "ComfyUI choose for your device."),
+                io.Combo.Input("scaled_fp8", options=list(SCALED_FP8_MODES), default="auto", optional=True,
+                               tooltip="How layers stored as fp8 with one scale per tensor (ComfyUI's scaled "
+                                       "fp8 files) run. fp8-w8a8: fp8 GEMM, activations quantized per token, "
+                                       "fast on GPUs with fp8 tensor cores (RTX 40xx, H100 and newer). "
+                                       "fp8-scaled: the weight is widened for a bf16/fp16 matmul, as stored, "
+                                       "on any device. auto: fp8-w8a8 where a fused fp8 kernel runs here, "
+                                       "else fp8-scaled. Layers the file marks for a full-precision matmul "
+                                       "keep it."),
             ],
             outputs=[
                 io.Model.Output(),
@@ -49,7 +57,7 @@ class QuantDiTLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, unet_name, backend, compute_dtype) -> io.NodeOutput:
+    def execute(cls, unet_name, backend, compute_dtype, scaled_fp8="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        model, report = load_quantized_dit(path, backend, compute_dtype)
+        model, report = load_quantized_dit(path, backend, compute_dtype, scaled_fp8)
         return with_report(model, report=report.text())

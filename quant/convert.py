@@ -71,11 +71,15 @@ def layout_extras(layout: str, quantized_layers: list[str], metadata: dict[str, 
     the list of weight-only layers, which read as W8A8 without it."""
     if weight_only and layout == LIGHTX2V:
         metadata[WEIGHT_ONLY_KEY] = json.dumps(sorted(weight_only))
+    # fp8-scaled means a bf16 matmul on the widened weight, so both ComfyUI layouts ask for ComfyUI's
+    # full-precision matmul: stock ComfyUI then computes as this pack does, and Load Quantized DiT
+    # does not run these layers as fp8 W8A8 (a two-element marker / full_precision_matrix_mult).
     if layout == COMFY_METADATA:
+        entry = {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}
         metadata["_quantization_metadata"] = json.dumps(
-            {"format_version": "1.0", "layers": {n: {"format": "float8_e4m3fn"} for n in quantized_layers}})
+            {"format_version": "1.0", "layers": {n: entry for n in quantized_layers}})
     if layout == COMFY_SCALED:
-        return [PlannedTensor("scaled_fp8", torch.float8_e4m3fn, (0,), lambda: torch.empty(0, dtype=torch.float8_e4m3fn))]
+        return [PlannedTensor("scaled_fp8", torch.float8_e4m3fn, (2,), lambda: torch.zeros(2, dtype=torch.float8_e4m3fn))]
     return []
 
 

@@ -24,6 +24,16 @@ PROBED_SCHEMES = ("int8-w8a8", "fp8-w8a8", "fp8-block128", "int8-weight-only", "
 FP8_TENSOR_CORES = (8, 9)
 
 
+def fused_w8a8_kernel(scheme: str, device: torch.device) -> Optional[str]:
+    """The fused provider `auto` runs `scheme` (a W8A8 one) on at `device`, or None where it would not
+    be one of FAST_W8A8 (the CPU, a GPU without the tensor cores, no Triton)."""
+    try:
+        name = pick_kernels(get_scheme(scheme), device).backend.name
+    except NoCapableBackendError:
+        return None
+    return name if name in FAST_W8A8 else None
+
+
 @dataclass(frozen=True)
 class MachineFacts:
     device: str                                  # "cuda:0", "cpu"

@@ -4,7 +4,9 @@ Layouts understood (detected per layer, never guessed silently):
 - LightX2V / LLMC export: ``X.weight`` int8 or fp8 e4m3 with ``X.weight_scale`` float32 of shape
   [out, 1] (per channel, W8A8) or [ceil(out/128), ceil(in/128)] (fp8 block-128).
 - ComfyUI scaled fp8: a ``scaled_fp8`` marker tensor and ``X.scale_weight`` per-tensor scales.
-- ComfyUI ``_quantization_metadata`` (safetensors metadata) with ``X.weight_scale`` per tensor.
+- ComfyUI's per-layer quantization entries, ``X.comfy_quant`` tensors (what ComfyUI saves) or the
+  ``_quantization_metadata`` header: float8_e4m3fn / float8_e5m2 with a per-tensor ``X.weight_scale``,
+  int8_tensorwise with a per-tensor or per-channel one. Its other formats are refused by name.
 - A plain fp8 cast file (fp8 weights, no scales anywhere): scale 1.
 """
 from __future__ import annotations
@@ -25,7 +27,14 @@ COMFY_SCALED_FP8 = "comfyui-scaled-fp8"
 COMFY_QUANT_METADATA = "comfyui-quantization-metadata"
 FP8_CAST = "fp8-cast-unscaled"
 
-_COMFY_FORMATS = {"float8_e4m3fn": "fp8-scaled"}
+# ComfyUI's quantization formats (comfy.quant_ops.QUANT_ALGOS): served ones -> (weight dtype, scheme).
+# int8_tensorwise is W8A8 with per-row activations in ComfyUI too; its scalar scale serves every channel.
+_COMFY_FORMATS = {"float8_e4m3fn": ("F8_E4M3", "fp8-scaled"), "float8_e5m2": ("F8_E5M2", "fp8-e5m2-scaled"),
+                  "int8_tensorwise": ("I8", "int8-w8a8")}
+_COMFY_UNSERVED = {"nvfp4": "4-bit NVFP4 weights and activations, for Blackwell tensor cores",
+                   "mxfp8": "fp8 with a shared exponent per 32 weights, for Blackwell tensor cores",
+                   "convrot_w4a4": "4-bit weights and activations with a Hadamard rotation"}
+COMFY_QUANT_KEY = "comfy_quant"
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,7 @@ class LayerQuant:
     weight_key: str
     scale_key: Optional[str]  # None: unscaled fp8 cast (scale 1)
     shape: tuple[int, int]  # [out, in]
+    float_matmul: bool = False  # the file asks for a float matmul (ComfyUI's full_precision_matrix_mult)
 
 
 @dataclass
@@ -43,6 +53,7 @@ class CheckpointPlan:
     path: str
     layers: dict[str, LayerQuant] = field(default_factory=dict)
     ignored_keys: list[str] = field(default_factory=list)   # e.g. the scaled_fp8 marker
+    notes: list[str] = field(default_factory=list)          # for the loader's report
 
     @property
     def is_quantized(self) -> bool:
@@ -64,8 +75,9 @@ def _layer_of(key: str, suffix: str) -> Optional[str]:
 
 def plan_checkpoint(f: SafetensorsFile) -> CheckpointPlan:
     """Inspect the header (no tensor data is read) and return the per-layer plan."""
-    if "_quantization_metadata" in f.metadata:
-        plan = _plan_comfy_metadata(f)
+    confs = _comfy_layer_confs(f)
+    if confs or "_quantization_metadata" in f.metadata:
+        plan = _plan_comfy_native(f, confs)
     elif any(k == "scaled_fp8" or k.endswith(".scaled_fp8") for k in f.keys()):
         plan = _plan_comfy_scaled_fp8(f)
     else:
@@ -163,7 +175,10 @@ def _scheme_from_scale_shape(f, layer, fmt, sshape, out_f, in_f) -> str:
 
 
 def _plan_comfy_scaled_fp8(f: SafetensorsFile) -> CheckpointPlan:
-    plan = CheckpointPlan(f.path, ignored_keys=[k for k in f.keys() if k.endswith("scaled_fp8")])
+    markers = [k for k in f.keys() if k.endswith("scaled_fp8")]
+    plan = CheckpointPlan(f.path, ignored_keys=markers)
+    # A two-element marker asks for a float matmul, as ComfyUI reads it (comfy.utils.convert_old_quants).
+    float_matmul = any(math.prod(f.shape(k)) == 2 for k in markers)
     keys = set(f.keys())
     for key in sorted(keys):
         layer = _layer_of(key, ".weight")
@@ -180,40 +195,90 @@ def _plan_comfy_scaled_fp8(f: SafetensorsFile) -> CheckpointPlan:
         if math.prod(f.shape(scale_key)) != 1:
             raise CheckpointError(f.path, f"scale_weight has shape {list(f.shape(scale_key))}; "
                                   "ComfyUI scaled fp8 uses one scalar per weight.", "re-export the checkpoint.", layer)
-        plan.layers[layer] = LayerQuant(layer, "fp8-scaled", COMFY_SCALED_FP8, key, scale_key, (out_f, in_f))
+        plan.layers[layer] = LayerQuant(layer, "fp8-scaled", COMFY_SCALED_FP8, key, scale_key, (out_f, in_f),
+                                        float_matmul)
     return plan
 
 
-def _plan_comfy_metadata(f: SafetensorsFile) -> CheckpointPlan:
+def _comfy_layer_confs(f: SafetensorsFile) -> dict[str, dict]:
+    """{layer: its ComfyUI quantization entry}. ComfyUI writes them as a `X.comfy_quant` uint8 tensor
+    holding JSON per layer (what it saves today) or in the `_quantization_metadata` header entry, which
+    wins where both name a layer (as comfy.utils.convert_old_quants does)."""
+    confs: dict[str, dict] = {}
+    for key in f.keys():
+        layer = _layer_of(key, "." + COMFY_QUANT_KEY)
+        if layer is None:
+            continue
+        try:
+            if f.dtype_name(key) != "U8":
+                raise ValueError
+            conf = json.loads(bytes(f.get(key).reshape(-1).tolist()).decode("utf-8"))
+            if not isinstance(conf, dict):
+                raise ValueError
+        except ValueError:
+            raise CheckpointError(f.path, f"its '{key}' entry is not JSON text stored as uint8.",
+                                  "re-save the checkpoint with ComfyUI.", layer) from None
+        confs[layer] = conf
+    if "_quantization_metadata" in f.metadata:
+        try:
+            layers = json.loads(f.metadata["_quantization_metadata"])["layers"]
+            if not isinstance(layers, dict):
+                raise TypeError("layers is not a map")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f.path, "its _quantization_metadata is not valid JSON with a 'layers' map.",
+                                  "re-export the checkpoint with ComfyUI's quantization tools.") from None
+        for layer, conf in layers.items():
+            confs[layer] = conf if isinstance(conf, dict) else {}
+    return confs
+
+
+def _plan_comfy_native(f: SafetensorsFile, confs: dict[str, dict]) -> CheckpointPlan:
     plan = CheckpointPlan(f.path)
-    try:
-        layers = json.loads(f.metadata["_quantization_metadata"])["layers"]
-        if not isinstance(layers, dict):
-            raise TypeError("layers is not a map")
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f.path, "its _quantization_metadata is not valid JSON with a 'layers' map.",
-                              "re-export the checkpoint with ComfyUI's quantization tools.") from None
-    for layer, conf in sorted(layers.items()):
-        fmt = conf.get("format") if isinstance(conf, dict) else None
+    static_inputs = 0
+    for layer, conf in sorted(confs.items()):
+        fmt = conf.get("format")
+        key, scale_key = layer + ".weight", layer + ".weight_scale"
+        if layer + "." + COMFY_QUANT_KEY in f:
+            plan.ignored_keys.append(layer + "." + COMFY_QUANT_KEY)
+        if fmt in _COMFY_UNSERVED:
+            raise CheckpointError(f.path, f"is stored as ComfyUI's {fmt} ({_COMFY_UNSERVED[fmt]}), which "
+                                  f"QuantDiT has no kernel for (it serves {', '.join(_COMFY_FORMATS)}).",
+                                  "load this file with ComfyUI's own 'Load Diffusion Model' node.", layer)
         if fmt not in _COMFY_FORMATS:
             raise CheckpointError(f.path, f"quantization format {fmt!r} is not supported by QuantDiT "
                                   f"(supported: {', '.join(_COMFY_FORMATS)}).",
                                   "load this file with ComfyUI's own 'Load Diffusion Model' node.", layer)
-        key, scale_key = layer + ".weight", layer + ".weight_scale"
+        dtype, scheme = _COMFY_FORMATS[fmt]
+        params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+        if conf.get("convrot", params.get("convrot", False)):
+            raise CheckpointError(f.path, f"is stored as {fmt} with ConvRot (Hadamard-rotated weights), which "
+                                  "QuantDiT has no kernel for.",
+                                  "load this file with ComfyUI's own 'Load Diffusion Model' node.", layer)
         if key not in f:
-            raise CheckpointError(f.path, "is listed in _quantization_metadata but has no weight.",
-                                  "re-export the checkpoint.", layer)
-        if f.dtype_name(key) != "F8_E4M3":
+            raise CheckpointError(f.path, f"is listed as {fmt} but has no weight.", "re-export the checkpoint.",
+                                  layer)
+        if f.dtype_name(key) != dtype:
             raise CheckpointError(f.path, f"is listed as {fmt} but its weight is {f.dtype_name(key)}.",
                                   "re-export the checkpoint.", layer)
         out_f, in_f = _require_linear(f, layer, key)
         if scale_key not in f:
             raise CheckpointError(f.path, f"has no '{scale_key}'.", "re-export the checkpoint.", layer)
-        if math.prod(f.shape(scale_key)) != 1:
-            raise CheckpointError(f.path, f"weight_scale has shape {list(f.shape(scale_key))}; "
-                                  f"{fmt} uses one scalar per weight.", "re-export the checkpoint.", layer)
-        plan.layers[layer] = LayerQuant(layer, _COMFY_FORMATS[fmt], COMFY_QUANT_METADATA, key, scale_key,
-                                        (out_f, in_f))
+        sshape = f.shape(scale_key)
+        per_channel = tuple(sshape) in ((out_f, 1), (out_f,)) and fmt == "int8_tensorwise"
+        if math.prod(sshape) != 1 and not per_channel:
+            expected = "one scalar per weight" + (f" or [{out_f}, 1] per channel" if fmt == "int8_tensorwise" else "")
+            raise CheckpointError(f.path, f"weight_scale has shape {list(sshape)}; {fmt} uses {expected}.",
+                                  "re-export the checkpoint.", layer)
+        if layer + ".input_scale" in f:
+            # A static activation scale: the pack quantizes activations per token at run time instead.
+            plan.ignored_keys.append(layer + ".input_scale")
+            static_inputs += 1
+        float_matmul = bool(conf.get("full_precision_matrix_mult", False))
+        plan.layers[layer] = LayerQuant(layer, scheme, COMFY_QUANT_METADATA, key, scale_key, (out_f, in_f),
+                                        float_matmul)
+    if static_inputs:
+        plan.notes.append(f"{static_inputs} layers carry a static input_scale, not used: activations are "
+                          "quantized per token at run time")
     return plan
 
 

@@ -6,24 +6,45 @@ on disk; the plan says which scheme each layer uses.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .detect import COMFY_SCALED_FP8, CheckpointPlan, plan_checkpoint
 from .safetensors_file import SafetensorsFile
 
 
-def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], CheckpointPlan, dict]:
+def load_checkpoint(path: str, scaled_fp8_w8a8: bool = False) -> tuple[dict[str, torch.Tensor], CheckpointPlan, dict]:
+    """`scaled_fp8_w8a8`: run the per-tensor fp8 layers as fp8 W8A8 (`scaled_fp8_as_w8a8`)."""
     f = SafetensorsFile(path)
     plan = plan_checkpoint(f)
+    if scaled_fp8_w8a8:
+        plan = scaled_fp8_as_w8a8(plan)
     return normalized_state_dict(f, plan), plan, dict(f.metadata)
+
+
+def scaled_fp8_as_w8a8(plan: CheckpointPlan) -> CheckpointPlan:
+    """The plan with its per-tensor e4m3 layers (ComfyUI's scaled fp8) run as fp8 W8A8: the same weight,
+    its one scale serving every channel, the activations quantized per token for the fp8 GEMM, as
+    ComfyUI itself quantizes them on fp8 GPUs. Layers whose file asks for a float matmul keep it."""
+    moved = {name: dataclasses.replace(q, scheme="fp8-w8a8") for name, q in plan.layers.items()
+             if q.scheme == "fp8-scaled" and not q.float_matmul}
+    kept = sum(q.scheme == "fp8-scaled" for q in plan.layers.values()) - len(moved)
+    notes = list(plan.notes)
+    if moved:
+        notes.append(f"{len(moved)} per-tensor fp8 layers run fp8 W8A8 (activations quantized per token)")
+    if kept:
+        notes.append(f"{kept} per-tensor fp8 layers keep a bf16 matmul, as the file asks")
+    return dataclasses.replace(plan, layers={**plan.layers, **moved}, notes=notes)
 
 
 def normalized_state_dict(f, plan: CheckpointPlan) -> dict[str, torch.Tensor]:
     """Every tensor of `f` (a SafetensorsFile or PthFile), scales renamed and reshaped as above."""
     by_scale_key = {q.scale_key: q for q in plan.layers.values() if q.scale_key}
+    ignored = set(plan.ignored_keys)
     sd: dict[str, torch.Tensor] = {}
     for key in f.keys():
-        if key in plan.ignored_keys:
+        if key in ignored:
             continue
         if plan.layers and key.endswith(".scale_input") and _layer_quantized(plan, key, ".scale_input"):
             continue  # static input scales: the fp8-scaled path computes in the model dtype
@@ -45,7 +66,8 @@ def _layer_quantized(plan: CheckpointPlan, key: str, suffix: str) -> bool:
 def _normalize_scale(scale: torch.Tensor, scheme: str, shape: tuple[int, int]) -> torch.Tensor:
     scale = scale.to(torch.float32)
     if scheme in ("fp8-w8a8", "int8-w8a8"):
-        return scale.reshape(shape[0], 1)
+        # [out, 1]; a per-tensor scale (ComfyUI's formats) serves every channel
+        return scale.reshape(-1, 1).expand(shape[0], 1).contiguous()
     if scheme == "fp8-scaled":
         return scale.reshape(())
     return scale

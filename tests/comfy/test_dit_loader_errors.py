@@ -101,7 +101,10 @@ def test_unsupported_comfy_format(comfy, models_dir, files):
     sd = load_file(src)
     meta["_quantization_metadata"] = meta["_quantization_metadata"].replace("float8_e4m3fn", "nvfp4", 1)
     save_file(sd, os.path.join(models_dir, "bad_nvfp4.safetensors"), metadata=meta)
-    expect_error(comfy, "bad_nvfp4.safetensors", "'nvfp4' is not supported")
+    expect_error(comfy, "bad_nvfp4.safetensors", "nvfp4", "no kernel for", "Load Diffusion Model")
+    meta["_quantization_metadata"] = meta["_quantization_metadata"].replace("nvfp4", "float3_made_up", 1)
+    save_file(sd, os.path.join(models_dir, "bad_unknown.safetensors"), metadata=meta)
+    expect_error(comfy, "bad_unknown.safetensors", "'float3_made_up' is not supported", "Load Diffusion Model")
 
 
 def test_source_files_are_untouched(comfy, models_dir, files):

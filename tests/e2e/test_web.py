@@ -104,7 +104,7 @@ def test_a_report_node_gets_a_text_preview_and_other_nodes_do_not(browser):
         const names = (type) => LiteGraph.createNode(type).widgets?.map(w => w.name) ?? [];
         return {loader: names('QuantDiTLoader'), probe: names('QuantDiTHardwareProbe'), sampler: names('KSampler')};
     """)
-    assert widgets["loader"] == ["unet_name", "backend", "compute_dtype", "preview_text", "preview_mode"]
+    assert widgets["loader"] == ["unet_name", "backend", "compute_dtype", "scaled_fp8", "preview_text", "preview_mode"]
     assert widgets["probe"] == ["preview_text", "preview_mode"]
     assert "preview_text" not in widgets["sampler"]
 
@@ -139,7 +139,7 @@ def test_previews_fill_again_when_the_results_come_from_the_cache(ran):
 def test_previews_stay_out_of_saved_workflows(ran):
     saved = json.loads(ran.execute_script("return JSON.stringify(window.app.graph.serialize())"))
     values = {n["type"]: n.get("widgets_values") for n in saved["nodes"] if n["type"].startswith("QuantDiT")}
-    assert values["QuantDiTLoader"] == [INT8_FILE, "auto", "default"]
+    assert values["QuantDiTLoader"] == [INT8_FILE, "auto", "default", "auto"]
     assert not values["QuantDiTHardwareProbe"]
     # Loaded again, the workflow has its widget values and an empty preview until it runs.
     reloaded = ran.execute_script("""
@@ -148,5 +148,6 @@ def test_previews_stay_out_of_saved_workflows(ran):
             return loader.widgets.map(w => [w.name, w.value]);
         });
     """, saved)
-    assert reloaded[:3] == [["unet_name", INT8_FILE], ["backend", "auto"], ["compute_dtype", "default"]]
-    assert reloaded[3] == ["preview_text", ""]
+    assert reloaded[:4] == [["unet_name", INT8_FILE], ["backend", "auto"], ["compute_dtype", "default"],
+                            ["scaled_fp8", "auto"]]
+    assert reloaded[4] == ["preview_text", ""]

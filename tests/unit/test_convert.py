@@ -309,3 +309,16 @@ def test_a_broken_weight_only_list_is_refused_with_the_file_named(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         plan_checkpoint(SafetensorsFile(str(broken)))
     assert "broken.safetensors" in str(caught.value) and "quantdit_weight_only" in str(caught.value)
+
+
+@pytest.mark.parametrize("layout", ["comfyui-scaled-fp8", "comfyui-metadata"])
+def test_comfyui_layouts_ask_for_a_float_matmul(src, tmp_path, layout):
+    # fp8-scaled is a bf16 matmul on the widened weight: the file says so to ComfyUI and to the loader.
+    from quant.formats.detect import plan_checkpoint
+    from quant.formats.load import scaled_fp8_as_w8a8
+    from quant.formats.safetensors_file import SafetensorsFile
+    dst = tmp_path / "out.safetensors"
+    convert(str(src), str(dst), "fp8-scaled", layout)
+    plan = plan_checkpoint(SafetensorsFile(str(dst)))
+    assert plan.layers and all(q.float_matmul for q in plan.layers.values())
+    assert {q.scheme for q in scaled_fp8_as_w8a8(plan).layers.values()} == {"fp8-scaled"}
