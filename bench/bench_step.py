@@ -58,13 +58,13 @@ def wan_inputs(model, dev, a):
     return sd, dict(x=x, c_crossattn=context), title
 
 
-def flux_inputs(dev, a):
+def flux_inputs(dev, a, depth=19, single=38):
     """Flux-dev-sized DiT (hidden 3072, 19 double + 38 single blocks); shapes from ComfyUI's class."""
     import comfy.ops
     from comfy.ldm.flux.model import Flux
     with torch.device("meta"):
         m = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=depth, depth_single_blocks=single,
                  axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False,
                  txt_ids_dims=[], operations=comfy.ops.manual_cast, dtype=torch.bfloat16, device="meta")
     g = torch.Generator(device=dev).manual_seed(0)
