@@ -55,8 +55,9 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
         layers = {name[len(prefix):]: q for name, q in layers.items() if name.startswith(prefix)}
     ops = make_quant_ops(layers, path, None if backend == "auto" else backend)
     options = {"custom_operations": ops}
-    if COMPUTE_DTYPES[compute_dtype] is not None:
-        options["dtype"] = COMPUTE_DTYPES[compute_dtype]
+    dtype = COMPUTE_DTYPES[compute_dtype] or unquantized_dtype(sd, metadata)
+    if dtype is not None:
+        options["dtype"] = dtype
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, metadata=metadata,
                                                      disable_dynamic=True)
     if model is None:
@@ -76,6 +77,18 @@ def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "d
     fuse_sibling_linears(model, report)
     describe_kernels(report, model.load_device, backend)
     return model, report
+
+
+def unquantized_dtype(sd: dict, metadata: dict):
+    """The dtype stock ComfyUI stores a quantized file's unquantized weights in: its device's choice
+    for the architecture. Given custom operations, ComfyUI would take the file's most common dtype
+    instead, fp8 in an fp8 file, and on GPUs with fp8 compute store the embeddings, norms and head in
+    fp8 without a scale. None where the architecture is not detected (the load then says so)."""
+    config = comfy.model_detection.model_config_from_unet(sd, "", metadata=metadata)
+    if config is None:
+        return None
+    return comfy.model_management.unet_dtype(model_params=comfy.utils.calculate_parameters(sd),
+                                             supported_dtypes=list(config.supported_inference_dtypes))
 
 
 def build_report(path: str, layout: str, layers: dict[str, LayerQuant]) -> QuantReport:

@@ -91,3 +91,25 @@ def test_report_names_the_fallback(comfy, files):
     _, report = load_quantized(comfy, files["lightx2v-fp8"], backend="torch")
     assert "backend 'torch' cannot run fp8-w8a8 on cpu" in report
     assert "kernel: reference on cpu" in report
+
+
+@pytest.mark.parametrize("scheme,layout", [("fp8-sgl", "lightx2v"), ("fp8-scaled", "comfyui-metadata")])
+def test_unquantized_layers_keep_the_dtype_stock_comfyui_gives_them(comfy, models_dir, scheme, layout, monkeypatch):
+    # ComfyUI stores a model in its file's most common dtype when that is fp8 and the device computes
+    # in fp8 (every fp8 GPU; here ComfyUI's own --supports-fp8-compute switch). In a real-sized fp8
+    # file the quantized weights dominate; stock ComfyUI's loader of quantized files, and this one,
+    # keep the embeddings and head in the dtype the device gives the bf16 model instead.
+    import comfy.model_management as mm
+    from comfy.utils import weight_dtype
+    from safetensors.torch import load_file
+    from wan_fixtures import convert, save, wan21_dit
+    src, dst = os.path.join(models_dir, "deep_bf16.safetensors"), f"deep_{layout}.safetensors"
+    save(wan21_dit(dim=256, ffn_dim=1024, num_layers=4, seed=2), src)
+    convert(src, os.path.join(models_dir, dst), scheme, layout)
+    assert weight_dtype(load_file(os.path.join(models_dir, dst))) == torch.float8_e4m3fn
+    monkeypatch.setattr(mm, "SUPPORT_FP8_OPS", True)
+    model, _ = load_quantized(comfy, dst)
+    (bf16,) = comfy[0].UNETLoader().load_unet("deep_bf16.safetensors", "default")
+    for name in ("text_embedding.0", "head.head", "time_embedding.0"):
+        ours = model.model.diffusion_model.get_submodule(name).weight.dtype
+        assert ours == bf16.model.diffusion_model.get_submodule(name).weight.dtype != torch.float8_e4m3fn, name
