@@ -74,7 +74,8 @@ def _layer_of(key: str, suffix: str) -> Optional[str]:
 
 
 def plan_checkpoint(f: SafetensorsFile) -> CheckpointPlan:
-    """Inspect the header (no tensor data is read) and return the per-layer plan."""
+    """Inspect the header, and the few bytes of ComfyUI's per-layer `comfy_quant` entries, and return
+    the per-layer plan (no weight is read)."""
     confs = _comfy_layer_confs(f)
     if confs or "_quantization_metadata" in f.metadata:
         plan = _plan_comfy_native(f, confs)
