@@ -1,7 +1,8 @@
 """Writes a quantized MODEL's diffusion model to a checkpoint that Load Quantized DiT reads back as
 the same model: LightX2V's layout for W8A8, block-128 and 8-bit weight-only layers (the file's
-metadata lists the weight-only ones), ComfyUI's scaled fp8 for per-tensor fp8 (which stock ComfyUI
-loads too). One tensor is produced and written at a time."""
+metadata lists the weight-only ones), ComfyUI's scaled fp8 for per-tensor fp8, or on request
+ComfyUI's own layout for int8 W8A8 and per-tensor fp8 (stock ComfyUI loads those two too). One
+tensor is produced and written at a time."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ def quantized_layers(patcher) -> dict[str, torch.nn.Module]:
             if isinstance(module, QuantLinearMixin) and module.quant_scheme is not None}
 
 
-def _check(patcher, layers: dict[str, torch.nn.Module]) -> str:
+def _check(patcher, layers: dict[str, torch.nn.Module], wanted: str) -> str:
     if not layers:
         raise SaveRefused("this MODEL has no quantized layers: connect Quantize Model, Layerwise FP8 Cast "
                           "(per-tensor) or Load Quantized DiT before Save Quantized DiT")
@@ -35,18 +36,20 @@ def _check(patcher, layers: dict[str, torch.nn.Module]) -> str:
                           "would not hold: save the model before LoraLoader, then apply the LoRA after loading it")
     schemes = {m.quant_scheme.name for m in layers.values()}
     try:
-        return layout_holding(schemes)
+        return layout_holding(schemes, wanted)
     except ValueError as e:
         first = {s: next(n for n, m in layers.items() if m.quant_scheme.name == s) for s in sorted(schemes)}
         examples = ", ".join(f"{n} is {s}" for s, n in first.items())
-        raise SaveRefused(f"{e} ({examples}). Models quantized with int8/fp8 W8A8, fp8-block128 or 8-bit "
-                          "weight-only, or with Layerwise FP8 Cast per-tensor, can be saved") from None
+        hint = ("Models quantized with int8/fp8 W8A8, fp8-block128 or 8-bit weight-only, or with Layerwise "
+                "FP8 Cast per-tensor, can be saved" if wanted == "auto" else "pick layout 'auto'")
+        raise SaveRefused(f"{e} ({examples}). {hint}") from None
 
 
-def plan(patcher) -> tuple[list[PlannedTensor], dict[str, str], str, dict[str, int]]:
-    """The tensors to write, the file's metadata, its layout and {scheme: layers}."""
+def plan(patcher, wanted: str = "auto") -> tuple[list[PlannedTensor], dict[str, str], str, dict[str, int]]:
+    """The tensors to write, the file's metadata, its layout (`wanted`, or chosen under "auto") and
+    {scheme: layers}."""
     layers = quantized_layers(patcher)
-    layout = _check(patcher, layers)
+    layout = _check(patcher, layers, wanted)
     state = patcher.get_model_object(ROOT).state_dict(keep_vars=True)
     planned, counts = [], {}
     for name, module in layers.items():

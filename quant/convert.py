@@ -4,6 +4,7 @@ One tensor is read, quantized and written at a time. The source is never modifie
 is written to a temp file and renamed only when complete.
 
     python -m quant.convert SRC.safetensors DST.safetensors --scheme int8-vllm --layout lightx2v
+    python -m quant.convert SRC.safetensors DST.safetensors --scheme int8-w8a8 --layout comfyui
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from .schemes import BLOCK_128, FP8_E4M3, INT8, PER_CHANNEL, PER_TENSOR, Scheme,
 LIGHTX2V = "lightx2v"
 COMFY_SCALED = "comfyui-scaled-fp8"
 COMFY_METADATA = "comfyui-metadata"
-LAYOUTS = (LIGHTX2V, COMFY_SCALED, COMFY_METADATA)
+COMFY_NATIVE = "comfyui"   # ComfyUI's own: a comfy_quant entry per layer, as its ModelSave writes
+LAYOUTS = (LIGHTX2V, COMFY_NATIVE, COMFY_SCALED, COMFY_METADATA)
 
 _DTYPE_OF_FORMAT = {FP8_E4M3: torch.float8_e4m3fn, INT8: torch.int8}
 
@@ -34,20 +36,36 @@ _DTYPE_OF_FORMAT = {FP8_E4M3: torch.float8_e4m3fn, INT8: torch.int8}
 # The schemes a file in each layout holds and reloads as (quant/formats/detect.py). LightX2V's
 # per-channel int8/fp8 layers read as W8A8 unless the file's metadata lists them as weight-only.
 HOLDS = {LIGHTX2V: {"int8-w8a8", "fp8-w8a8", "fp8-block128", "int8-weight-only", "fp8-weight-only"},
-         COMFY_SCALED: {"fp8-scaled"}, COMFY_METADATA: {"fp8-scaled"}}
+         COMFY_NATIVE: {"int8-w8a8", "fp8-scaled"}, COMFY_SCALED: {"fp8-scaled"}, COMFY_METADATA: {"fp8-scaled"}}
+# fp8-scaled means a bf16 matmul on the widened weight, so the ComfyUI layouts ask for ComfyUI's
+# full-precision matmul: stock ComfyUI then computes as this pack does, and Load Quantized DiT does
+# not run these layers as fp8 W8A8 (full_precision_matrix_mult / a two-element scaled_fp8 marker).
+# ComfyUI's int8_tensorwise is int8 W8A8 with per-row activations, per-channel weight scales included.
+COMFY_ENTRY = {"int8-w8a8": {"format": "int8_tensorwise"},
+               "fp8-scaled": {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}}
+
+
+def _check_layout_name(layout: str):
+    if layout not in HOLDS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
 
 def _check_layout(scheme: Scheme, layout: str):
-    if layout not in HOLDS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    _check_layout_name(layout)
     if scheme.name not in HOLDS[layout]:
         raise ValueError(f"the {layout} layout cannot hold scheme {scheme.name}; it holds "
                          f"{', '.join(sorted(HOLDS[layout]))}")
 
 
-def layout_holding(scheme_names: set[str]) -> str:
-    """The file layout (LightX2V's, else ComfyUI's scaled fp8) that holds every one of these
-    schemes; ValueError otherwise."""
+def layout_holding(scheme_names: set[str], wanted: str = "auto") -> str:
+    """The file layout that holds every one of these schemes: `wanted`, or under "auto" LightX2V's,
+    else ComfyUI's scaled fp8; ValueError otherwise."""
+    if wanted != "auto":
+        _check_layout_name(wanted)
+        if not scheme_names <= HOLDS[wanted]:
+            raise ValueError(f"the {wanted} layout holds {', '.join(sorted(HOLDS[wanted]))}, not "
+                             f"{', '.join(sorted(scheme_names - HOLDS[wanted]))}")
+        return wanted
     for layout in (LIGHTX2V, COMFY_SCALED):
         if scheme_names <= HOLDS[layout]:
             return layout
@@ -61,23 +79,24 @@ def quantized_entries(layer: str, shape: tuple[int, int], scheme: Scheme, layout
     out_f, in_f = shape
     scale_shape = _scale_shape(scheme, out_f, in_f)
     scale_key = layer + (".scale_weight" if layout == COMFY_SCALED else ".weight_scale")
-    return [PlannedTensor(layer + ".weight", _DTYPE_OF_FORMAT[scheme.weight_format], shape, qdata),
-            PlannedTensor(scale_key, torch.float32, scale_shape, lambda: scale().float().reshape(scale_shape))]
+    entries = [PlannedTensor(layer + ".weight", _DTYPE_OF_FORMAT[scheme.weight_format], shape, qdata),
+               PlannedTensor(scale_key, torch.float32, scale_shape, lambda: scale().float().reshape(scale_shape))]
+    if layout == COMFY_NATIVE:
+        entry = torch.tensor(list(json.dumps(COMFY_ENTRY[scheme.name]).encode("utf-8")), dtype=torch.uint8)
+        entries.append(PlannedTensor(layer + ".comfy_quant", torch.uint8, tuple(entry.shape), lambda: entry))
+    return entries
 
 
 def layout_extras(layout: str, quantized_layers: list[str], metadata: dict[str, str],
                   weight_only: list[str] = ()) -> list[PlannedTensor]:
-    """What a layout adds besides the layers: ComfyUI's scaled-fp8 marker tensor, or its metadata;
-    the list of weight-only layers, which read as W8A8 without it."""
+    """What a layout adds besides the layers: ComfyUI's scaled-fp8 marker tensor (two elements: a
+    full-precision matmul), or its metadata; the list of weight-only layers, which read as W8A8
+    without it."""
     if weight_only and layout == LIGHTX2V:
         metadata[WEIGHT_ONLY_KEY] = json.dumps(sorted(weight_only))
-    # fp8-scaled means a bf16 matmul on the widened weight, so both ComfyUI layouts ask for ComfyUI's
-    # full-precision matmul: stock ComfyUI then computes as this pack does, and Load Quantized DiT
-    # does not run these layers as fp8 W8A8 (a two-element marker / full_precision_matrix_mult).
     if layout == COMFY_METADATA:
-        entry = {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}
         metadata["_quantization_metadata"] = json.dumps(
-            {"format_version": "1.0", "layers": {n: entry for n in quantized_layers}})
+            {"format_version": "1.0", "layers": {n: COMFY_ENTRY["fp8-scaled"] for n in quantized_layers}})
     if layout == COMFY_SCALED:
         return [PlannedTensor("scaled_fp8", torch.float8_e4m3fn, (2,), lambda: torch.zeros(2, dtype=torch.float8_e4m3fn))]
     return []

@@ -2,6 +2,7 @@
 again with Load Quantized DiT samples exactly as before; what cannot be saved is refused."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -48,8 +49,8 @@ def sample(comfy, fixtures, model):
     return out["samples"].float()
 
 
-def save_model(comfy, model, prefix):
-    report = node(comfy, "QuantDiTSaveQuantized").execute(model=model, filename_prefix=prefix).result[0]
+def save_model(comfy, model, prefix, layout="auto"):
+    report = node(comfy, "QuantDiTSaveQuantized").execute(model=model, filename_prefix=prefix, layout=layout).result[0]
     first = report.splitlines()[0]
     assert first.startswith("QuantDiT: saved ") and first.endswith(" in models/diffusion_models"), report
     return first[len("QuantDiT: saved "):-len(" in models/diffusion_models")], report
@@ -129,6 +130,44 @@ def test_every_run_writes_a_new_file(comfy, models_dir, sources):
     second, _ = save_model(comfy, quantized, "again/wan")
     assert first != second and os.path.dirname(first) == os.path.dirname(second) == "again"
     assert os.path.getmtime(os.path.join(models_dir, first)) == before
+
+
+@pytest.mark.parametrize("arch", ["wan", "flux"])
+def test_int8_saved_in_comfyuis_own_layout_loads_in_stock_comfyui(comfy, models_dir, sources, arch):
+    file, fixtures = sources[arch]
+    quantized = node(comfy, "QuantDiTQuantizeModel").execute(model=load_bf16(comfy, file), scheme="int8-w8a8",
+                                                             backend="auto").result[0]
+    name, report = save_model(comfy, quantized, f"native/{arch}", layout="comfyui")
+    assert "ComfyUI's own" in report
+    with safe_open(os.path.join(models_dir, name), framework="pt") as f:
+        entries = [k for k in f.keys() if k.endswith(".comfy_quant")]
+        assert entries and json.loads(bytes(f.get_tensor(entries[0]).tolist())) == {"format": "int8_tensorwise"}
+    ours = sample(comfy, fixtures, quantized)
+    loaded, l_report = reload(comfy, name)
+    assert "comfyui-quantization-metadata" in l_report
+    assert torch.equal(sample(comfy, fixtures, loaded), ours)
+    # Stock ComfyUI reads the file as its own int8_tensorwise: int8 weights with their per-channel
+    # scales (its math for the activations may differ from ours).
+    stock = load_bf16(comfy, name)
+    q = stock.model.diffusion_model.get_submodule({"wan": "blocks.0.ffn.0", "flux": "double_blocks.0.img_mlp.0"}[arch])
+    assert type(q.weight).__name__ == "QuantizedTensor" and q.weight._params.scale.shape[0] == q.weight.shape[0]
+    # Stock's output is as far from ours as the quantization noise itself, not more; a misread scale
+    # or weight would be off by far more than that.
+    bf16 = sample(comfy, fixtures, load_bf16(comfy, file))
+    noise = rel_err(ours, bf16)
+    assert 0 < noise < 0.03
+    assert rel_err(sample(comfy, fixtures, stock), ours) < noise
+
+
+def test_comfyui_layout_refuses_schemes_it_cannot_hold(comfy, models_dir, sources):
+    quantized = node(comfy, "QuantDiTQuantizeModel").execute(model=load_bf16(comfy, WAN), scheme="fp8-w8a8",
+                                                             backend="auto").result[0]
+    with pytest.raises(Exception) as caught:
+        save_model(comfy, quantized, "refused_native/wan", layout="comfyui")
+    msg = str(caught.value)
+    assert "comfyui layout holds fp8-scaled, int8-w8a8, not fp8-w8a8" in msg and "blocks." in msg, msg
+    folder = os.path.join(models_dir, "refused_native")
+    assert not os.path.isdir(folder) or not os.listdir(folder)
 
 
 @pytest.mark.parametrize("case", ["unquantized", "int4", "lora", "outside"])

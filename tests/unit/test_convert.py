@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import hashlib
 import os
 import subprocess
@@ -101,6 +102,7 @@ def test_refuses_already_quantized_source(src, tmp_path):
     ("fp8-sgl", "comfyui-metadata", ["fp8-scaled"]),
     ("fp8-scaled", "lightx2v", ["int8-w8a8", "fp8-w8a8", "fp8-block128"]),
     ("int4-g128-marlin", "lightx2v", ["int8-w8a8", "fp8-w8a8", "fp8-block128"]),
+    ("fp8-sgl", "comfyui", ["int8-w8a8", "fp8-scaled"]),
     ("int8-vllm", "gguf", list(LAYOUTS)),
 ])
 def test_refuses_scheme_layout_mismatch(src, tmp_path, scheme, layout, valid):
@@ -322,3 +324,23 @@ def test_comfyui_layouts_ask_for_a_float_matmul(src, tmp_path, layout):
     plan = plan_checkpoint(SafetensorsFile(str(dst)))
     assert plan.layers and all(q.float_matmul for q in plan.layers.values())
     assert {q.scheme for q in scaled_fp8_as_w8a8(plan).layers.values()} == {"fp8-scaled"}
+
+
+@pytest.mark.parametrize("scheme,entry", [
+    ("int8-w8a8", {"format": "int8_tensorwise"}),
+    ("fp8-scaled", {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}),
+])
+def test_comfyui_layout_writes_comfy_quant_entries(src, tmp_path, scheme, entry):
+    # ComfyUI's own layout, as its ModelSave writes it: a uint8 JSON entry per quantized layer.
+    from quant.formats.detect import COMFY_QUANT_METADATA, plan_checkpoint
+    from quant.formats.safetensors_file import SafetensorsFile
+    dst = tmp_path / "out.safetensors"
+    report = convert(str(src), str(dst), scheme, "comfyui")
+    with safe_open(str(dst), "pt") as f:
+        entries = {k[:-len(".comfy_quant")]: json.loads(bytes(f.get_tensor(k).tolist()))
+                   for k in f.keys() if k.endswith(".comfy_quant")}
+        assert "_quantization_metadata" not in (f.metadata() or {})
+    assert sorted(entries) == sorted(report["quantized"]) and all(e == entry for e in entries.values())
+    plan = plan_checkpoint(SafetensorsFile(str(dst)))
+    assert plan.layouts() == {COMFY_QUANT_METADATA} and {q.scheme for q in plan.layers.values()} == {scheme}
+    assert all(q.float_matmul == (scheme == "fp8-scaled") for q in plan.layers.values())
