@@ -37,6 +37,9 @@ def write_t5_files(folder) -> dict[str, str]:
     names["comfy-fp8-scaled"] = "umt5_tiny_fp8_e4m3fn_scaled.safetensors"
     convert(os.path.join(folder, names["comfy-bf16"]), os.path.join(folder, names["comfy-fp8-scaled"]),
             "fp8-scaled", "comfyui-scaled-fp8")
+    # ComfyUI's own layout (comfy_quant entries), int8 as int8_tensorwise.
+    names["comfy-int8"] = "umt5_tiny_int8_comfy.safetensors"
+    convert(os.path.join(folder, names["comfy-bf16"]), os.path.join(folder, names["comfy-int8"]), "int8-w8a8", "comfyui")
     return names
 
 
