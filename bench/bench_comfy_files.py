@@ -14,7 +14,6 @@ cosine similarity of the denoiser output to bf16. Needs CUDA and ComfyUI (QUANTD
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,26 +23,15 @@ import bench_step as bs  # noqa: E402  (puts ComfyUI and the pack on sys.path)
 
 import torch  # noqa: E402
 
-FORMATS = {"float8_e4m3fn": "TensorCoreFP8E4M3Layout", "int8_tensorwise": "TensorWiseINT8Layout"}
-
-
-def _block_linear(key: str, t: torch.Tensor) -> bool:
-    return key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and t.dim() == 2
+FORMATS = ("float8_e4m3fn", "int8_tensorwise")
 
 
 def write_comfy_file(sd: dict, fmt: str, path: str):
     """`sd`'s block linears quantized by ComfyUI's own quantizer, in its `_quantization_metadata` layout."""
-    from comfy.quant_ops import QuantizedTensor
     from safetensors.torch import save_file
-    out, layers = {}, {}
-    for key, t in sd.items():
-        if _block_linear(key, t):
-            for k, v in QuantizedTensor.from_float(t.cuda(), FORMATS[fmt]).state_dict(key).items():
-                out[k] = v.cpu()
-            layers[key[:-len(".weight")]] = {"format": fmt}
-        else:
-            out[key] = t
-    save_file(out, path, metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})})
+    from scripts.comfy_quantized import comfy_quantized
+    out, metadata = comfy_quantized(sd, fmt, lambda k: k.startswith(("double_blocks.", "single_blocks.")), "cuda")
+    save_file(out, path, metadata=metadata)
 
 
 def measure(model, inputs, reps, ref_out):

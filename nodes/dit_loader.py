@@ -10,11 +10,10 @@ import comfy.model_management
 import comfy.sd
 import comfy.utils
 
-from ..quant.backends.registry import why_not
 from ..quant.errors import CheckpointError
 from ..quant.formats.detect import LayerQuant
 from ..quant.formats.load import layout_of, load_checkpoint
-from ..quant.hardware import FAST_W8A8, fused_w8a8_kernel
+from ..quant.hardware import fused_w8a8_kernel
 from ..quant.reference import weight_nbytes
 from ..quant.report import QuantReport, describe_kernels, layer_group
 from ..quant.schemes import get_scheme
@@ -36,10 +35,7 @@ def scaled_fp8_runs_w8a8(mode: str, backend: str) -> bool:
         raise ValueError(f"scaled_fp8 must be one of {', '.join(SCALED_FP8_MODES)}, got {mode!r}")
     if mode != "auto":
         return mode == "fp8-w8a8"
-    device = comfy.model_management.get_torch_device()
-    if backend != "auto":
-        return why_not(backend, get_scheme("fp8-w8a8"), device) is None and backend in FAST_W8A8
-    return fused_w8a8_kernel("fp8-w8a8", device) is not None
+    return fused_w8a8_kernel("fp8-w8a8", comfy.model_management.get_torch_device(), backend) is not None
 
 
 def load_quantized_dit(path: str, backend: str = "auto", compute_dtype: str = "default", scaled_fp8: str = "auto"):

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .backends import NoCapableBackendError, list_backends, pick_kernels
+from .backends import BackendUnavailableError, NoCapableBackendError, list_backends, pick_backend, pick_kernels
 from .backends.registry import cuda_capability
 from .schemes import get_scheme
 
@@ -24,12 +24,13 @@ PROBED_SCHEMES = ("int8-w8a8", "fp8-w8a8", "fp8-block128", "int8-weight-only", "
 FP8_TENSOR_CORES = (8, 9)
 
 
-def fused_w8a8_kernel(scheme: str, device: torch.device) -> Optional[str]:
-    """The fused provider `auto` runs `scheme` (a W8A8 one) on at `device`, or None where it would not
-    be one of FAST_W8A8 (the CPU, a GPU without the tensor cores, no Triton)."""
+def fused_w8a8_kernel(scheme: str, device: torch.device, preferred: Optional[str] = None) -> Optional[str]:
+    """The fused provider that runs `scheme` (a W8A8 one) at `device`: `preferred` if it can, else
+    under `auto` the best one. None where that is not one of FAST_W8A8 (the CPU, a GPU without the
+    tensor cores, no Triton) or the preferred provider cannot run it here."""
     try:
-        name = pick_kernels(get_scheme(scheme), device).backend.name
-    except NoCapableBackendError:
+        name = pick_backend(get_scheme(scheme), device, preferred, strict=True).name
+    except (NoCapableBackendError, BackendUnavailableError):
         return None
     return name if name in FAST_W8A8 else None
 

@@ -13,14 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import wan_fixtures
+from scripts.comfy_quantized import LAYOUT_OF, comfy_quantized
 from scripts.tiny_models import save, wan21_dit
 
 BF16 = "cn_wan_bf16.safetensors"
-# variant -> (ComfyUI format, layout class, quantize kwargs, the scheme the pack runs on the CPU)
+# variant -> (ComfyUI format, quantize kwargs, the scheme the pack runs on the CPU)
 VARIANTS = {
-    "fp8": ("float8_e4m3fn", "TensorCoreFP8E4M3Layout", {}, "fp8-scaled"),
-    "int8": ("int8_tensorwise", "TensorWiseINT8Layout", {}, "int8-w8a8"),
-    "int8-per-channel": ("int8_tensorwise", "TensorWiseINT8Layout", {"per_channel": True}, "int8-w8a8"),
+    "fp8": ("float8_e4m3fn", {}, "fp8-scaled"),
+    "int8": ("int8_tensorwise", {}, "int8-w8a8"),
+    "int8-per-channel": ("int8_tensorwise", {"per_channel": True}, "int8-w8a8"),
 }
 # Relative error of 3 euler steps against bf16 (as tests/comfy/test_dit_loader.py): per-tensor fp8
 # weights are the coarsest; a misread scale or weight is off by ~100%.
@@ -28,21 +29,9 @@ TOLERANCE = {"fp8": 0.08, "int8": 0.05, "int8-per-channel": 0.03}
 QUANTIZED = 20  # 2 blocks x (4 self-attn + 4 cross-attn + 2 ffn) linears
 
 
-def _block_linear(key, t):
-    return key.startswith("blocks.") and key.endswith(".weight") and t.dim() == 2
-
-
-def comfy_quantized_file(models_dir, name, fmt, layout, kw):
+def comfy_quantized_file(models_dir, name, fmt, kw):
     """The bf16 file's block linears quantized by ComfyUI's own quantizer, in the header layout."""
-    from comfy.quant_ops import QuantizedTensor
-    sd, layers = {}, {}
-    for key, t in load_file(os.path.join(models_dir, BF16)).items():
-        if _block_linear(key, t):
-            sd.update(QuantizedTensor.from_float(t, layout, **kw).state_dict(key))
-            layers[key[:-len(".weight")]] = {"format": fmt}
-        else:
-            sd[key] = t
-    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    sd, meta = comfy_quantized(load_file(os.path.join(models_dir, BF16)), fmt, lambda k: k.startswith("blocks."), **kw)
     save_file(sd, os.path.join(models_dir, name), metadata=meta)
     return name
 
@@ -61,8 +50,8 @@ def model_saved_by_comfyui(comfy, models_dir, source, prefix):
 def files(comfy, models_dir):
     save(wan21_dit(dim=256, ffn_dim=512, num_layers=2, seed=3), os.path.join(models_dir, BF16))
     out = {}
-    for variant, (fmt, layout, kw, _) in VARIANTS.items():
-        header = comfy_quantized_file(models_dir, f"cn_{variant}_header.safetensors", fmt, layout, kw)
+    for variant, (fmt, kw, _) in VARIANTS.items():
+        header = comfy_quantized_file(models_dir, f"cn_{variant}_header.safetensors", fmt, kw)
         out[variant, "header"] = header
         out[variant, "in-file"] = model_saved_by_comfyui(comfy, models_dir, header, f"cn_{variant}_comfy_quant")
     return out
@@ -109,7 +98,7 @@ def test_comfyui_files_sample_close_to_bf16(comfy, files, bf16_output, variant, 
     model, report = load(comfy, files[variant, where])
     linears = [m for m in model.model.diffusion_model.modules() if getattr(m, "quant_scheme", None)]
     assert len(linears) == QUANTIZED
-    expected = VARIANTS[variant][3] if cpu_run() or variant != "fp8" else "fp8-w8a8"
+    expected = VARIANTS[variant][2] if cpu_run() or variant != "fp8" else "fp8-w8a8"
     assert {m.quant_scheme.name for m in linears} == {expected}
     assert f"{expected}" in report and "comfyui-quantization-metadata" in report
     err = rel_err(sample(comfy, model), bf16_output)
@@ -156,12 +145,12 @@ def test_scaled_fp8_can_run_w8a8_or_as_stored(comfy, files, bf16_output):
     assert rel_err(a, bf16_output) < TOLERANCE["fp8"] and rel_err(a, b) < TOLERANCE["fp8"]
 
 
-@pytest.mark.parametrize("fmt,layout", [("nvfp4", "TensorCoreNVFP4Layout"), ("mxfp8", "TensorCoreMXFP8Layout")])
-def test_formats_without_a_kernel_are_refused(comfy, models_dir, files, fmt, layout):
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8"])
+def test_formats_without_a_kernel_are_refused(comfy, models_dir, files, fmt):
     from comfy.quant_ops import get_layout_class
-    if get_layout_class(layout) is None:
-        pytest.fail(f"comfy-kitchen has no {layout}: update it (ComfyUI's requirements)")
-    name = comfy_quantized_file(models_dir, f"cn_{fmt}.safetensors", fmt, layout, {})
+    if get_layout_class(LAYOUT_OF[fmt]) is None:
+        pytest.fail(f"comfy-kitchen has no {LAYOUT_OF[fmt]}: update it (ComfyUI's requirements)")
+    name = comfy_quantized_file(models_dir, f"cn_{fmt}.safetensors", fmt, {})
     with pytest.raises(Exception) as e:
         load(comfy, name)
     msg = str(e.value)
