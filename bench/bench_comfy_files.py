@@ -3,11 +3,13 @@ side by side in one process (random weights, Flux architecture at 1024x1024).
 
     python bench/bench_comfy_files.py                        # 19 double + 38 single blocks (Flux-dev size)
     python bench/bench_comfy_files.py --double 6 --single 12 # fewer blocks: smaller files, same per-block mix
+    python bench/bench_comfy_files.py --formats mxfp8        # one format
 
 ComfyUI's quantizer (comfy.quant_ops, comfy-kitchen) writes the block linears of a bf16 Flux as
-`float8_e4m3fn` (one scale per tensor) and as `int8_tensorwise` into `_quantization_metadata` files in
-a temporary models folder. Each file then runs through stock UNETLoader (ComfyUI's own fp8 / int8
-math) and through the pack's loader node (fp8: `scaled_fp8` = fp8-w8a8 and fp8-scaled). Prints the
+`float8_e4m3fn` (one scale per tensor), as `int8_tensorwise` and as `mxfp8` into
+`_quantization_metadata` files in a temporary models folder. Each file then runs through stock
+UNETLoader (ComfyUI's own fp8 / int8 math; mxfp8 emulated before Blackwell) and through the pack's
+loader node (fp8: `scaled_fp8` = fp8-w8a8 and fp8-scaled; mxfp8 as fp8 W8A8). Prints the
 step time, the GPU kernel time, the ratios to bf16 and to stock ComfyUI on the same file, and the
 cosine similarity of the denoiser output to bf16. Needs CUDA and ComfyUI (QUANTDIT_COMFYUI).
 """
@@ -23,7 +25,7 @@ import bench_step as bs  # noqa: E402  (puts ComfyUI and the pack on sys.path)
 
 import torch  # noqa: E402
 
-FORMATS = ("float8_e4m3fn", "int8_tensorwise")
+FORMATS = ("float8_e4m3fn", "int8_tensorwise", "mxfp8")
 
 
 def write_comfy_file(sd: dict, fmt: str, path: str):
@@ -44,6 +46,7 @@ def main():
     p.add_argument("--double", type=int, default=19)
     p.add_argument("--single", type=int, default=38)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     a = p.parse_args()
     a.height = a.width = 1024
     nodes = bs.boot()
@@ -64,7 +67,7 @@ def main():
     folder_paths.add_model_folder_path("diffusion_models", folder)
     rows = [("bf16", "-", ref_t, ref_gpu, 1.0, None)]
     loader = nodes.NODE_CLASS_MAPPINGS["QuantDiTLoader"]
-    for fmt in FORMATS:
+    for fmt in a.formats:
         name = f"flux_{fmt}.safetensors"
         write_comfy_file(sd, fmt, os.path.join(folder, name))
         (stock,) = nodes.UNETLoader().load_unet(name, "default")

@@ -6,7 +6,8 @@ Layouts understood (detected per layer, never guessed silently):
 - ComfyUI scaled fp8: a ``scaled_fp8`` marker tensor and ``X.scale_weight`` per-tensor scales.
 - ComfyUI's per-layer quantization entries, ``X.comfy_quant`` tensors (what ComfyUI saves) or the
   ``_quantization_metadata`` header: float8_e4m3fn / float8_e5m2 with a per-tensor ``X.weight_scale``,
-  int8_tensorwise with a per-tensor or per-channel one. Its other formats are refused by name.
+  int8_tensorwise with a per-tensor or per-channel one, mxfp8 with its per-32 E8M0 block scales (read
+  onto one scale per channel, quant/formats/block_scaled.py). Its other formats are refused by name.
 - A plain fp8 cast file (fp8 weights, no scales anywhere): scale 1.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import CheckpointError
+from .block_scaled import MX_BLOCK, swizzled_scale_shape
 from .safetensors_file import SafetensorsFile
 
 QUANT_DTYPES = {"I8": "int8", "F8_E4M3": "fp8_e4m3"}
@@ -29,11 +31,15 @@ FP8_CAST = "fp8-cast-unscaled"
 
 # ComfyUI's quantization formats (comfy.quant_ops.QUANT_ALGOS): served ones -> (weight dtype, scheme).
 # int8_tensorwise is W8A8 with per-row activations in ComfyUI too; its scalar scale serves every channel.
+# mxfp8 (W8A8 with per-32 activation blocks on Blackwell) runs fp8 W8A8 with per-token activations.
 _COMFY_FORMATS = {"float8_e4m3fn": ("F8_E4M3", "fp8-scaled"), "float8_e5m2": ("F8_E5M2", "fp8-e5m2-scaled"),
-                  "int8_tensorwise": ("I8", "int8-w8a8")}
+                  "int8_tensorwise": ("I8", "int8-w8a8"), "mxfp8": ("F8_E4M3", "fp8-w8a8")}
 _COMFY_UNSERVED = {"nvfp4": "4-bit NVFP4 weights and activations, for Blackwell tensor cores",
-                   "mxfp8": "fp8 with a shared exponent per 32 weights, for Blackwell tensor cores",
                    "convrot_w4a4": "4-bit weights and activations with a Hadamard rotation"}
+MXFP8 = "mxfp8"
+# What a W8A8 layer runs where the file asks for a full-precision matmul (full_precision_matrix_mult):
+# the same weight, widened for a matmul in the model dtype, as ComfyUI computes it.
+_FLOAT_MATMUL_OF = {"fp8-w8a8": "fp8-weight-only", "int8-w8a8": "int8-weight-only"}
 COMFY_QUANT_KEY = "comfy_quant"
 
 
@@ -46,6 +52,7 @@ class LayerQuant:
     scale_key: Optional[str]  # None: unscaled fp8 cast (scale 1)
     shape: tuple[int, int]  # [out, in]
     float_matmul: bool = False  # the file asks for a float matmul (ComfyUI's full_precision_matrix_mult)
+    block_scaled: Optional[str] = None  # MXFP8: the weight and its block scales are read together
 
 
 @dataclass
@@ -264,23 +271,44 @@ def _plan_comfy_native(f: SafetensorsFile, confs: dict[str, dict]) -> Checkpoint
         out_f, in_f = _require_linear(f, layer, key)
         if scale_key not in f:
             raise CheckpointError(f.path, f"has no '{scale_key}'.", "re-export the checkpoint.", layer)
-        sshape = f.shape(scale_key)
-        per_channel = tuple(sshape) in ((out_f, 1), (out_f,)) and fmt == "int8_tensorwise"
-        if math.prod(sshape) != 1 and not per_channel:
-            expected = "one scalar per weight" + (f" or [{out_f}, 1] per channel" if fmt == "int8_tensorwise" else "")
-            raise CheckpointError(f.path, f"weight_scale has shape {list(sshape)}; {fmt} uses {expected}.",
-                                  "re-export the checkpoint.", layer)
+        if fmt == MXFP8:
+            _check_mx_scale(f, layer, scale_key, out_f, in_f)
+        else:
+            _check_scalar_or_channel_scale(f, layer, fmt, scale_key, out_f)
         if layer + ".input_scale" in f:
             # A static activation scale: the pack quantizes activations per token at run time instead.
             plan.ignored_keys.append(layer + ".input_scale")
             static_inputs += 1
         float_matmul = bool(conf.get("full_precision_matrix_mult", False))
+        if float_matmul:
+            scheme = _FLOAT_MATMUL_OF.get(scheme, scheme)
         plan.layers[layer] = LayerQuant(layer, scheme, COMFY_QUANT_METADATA, key, scale_key, (out_f, in_f),
-                                        float_matmul)
+                                        float_matmul, MXFP8 if fmt == MXFP8 else None)
     if static_inputs:
         plan.notes.append(f"{static_inputs} layers carry a static input_scale, not used: activations are "
                           "quantized per token at run time")
     return plan
+
+
+def _check_scalar_or_channel_scale(f: SafetensorsFile, layer: str, fmt: str, scale_key: str, out_f: int):
+    sshape = f.shape(scale_key)
+    per_channel = tuple(sshape) in ((out_f, 1), (out_f,)) and fmt == "int8_tensorwise"
+    if math.prod(sshape) != 1 and not per_channel:
+        expected = "one scalar per weight" + (f" or [{out_f}, 1] per channel" if fmt == "int8_tensorwise" else "")
+        raise CheckpointError(f.path, f"weight_scale has shape {list(sshape)}; {fmt} uses {expected}.",
+                              "re-export the checkpoint.", layer)
+
+
+def _check_mx_scale(f: SafetensorsFile, layer: str, scale_key: str, out_f: int, in_f: int):
+    if in_f % MX_BLOCK:
+        raise CheckpointError(f.path, f"is mxfp8 with {in_f} input features, not a multiple of {MX_BLOCK}.",
+                              "re-export the checkpoint.", layer)
+    expected = swizzled_scale_shape(out_f, in_f // MX_BLOCK)
+    dt = f.dtype_name(scale_key)
+    if dt not in ("F8_E8M0", "U8") or tuple(f.shape(scale_key)) != expected:
+        raise CheckpointError(f.path, f"weight_scale is {dt} {list(f.shape(scale_key))}; an mxfp8 weight of "
+                              f"[{out_f}, {in_f}] has E8M0 block scales of {list(expected)} (cuBLAS tile order).",
+                              "re-export the checkpoint; the scale does not belong to this weight.", layer)
 
 
 def _check_no_stray_quantized(f: SafetensorsFile, plan: CheckpointPlan):

@@ -2,7 +2,8 @@
 
 Every quantized layer comes out as ``X.weight`` (int8/fp8 data) + ``X.weight_scale`` (float32,
 [out,1] per channel, a scalar per tensor, or [out/128, in/128] blocks), whatever layout it had
-on disk; the plan says which scheme each layer uses.
+on disk (mxfp8 block scales are folded onto one per channel); the plan says which scheme each
+layer uses.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import dataclasses
 
 import torch
 
-from .detect import COMFY_SCALED_FP8, CheckpointPlan, plan_checkpoint
+from .block_scaled import MX_BLOCK, mxfp8_to_per_channel, unswizzle
+from .detect import COMFY_SCALED_FP8, MXFP8, CheckpointPlan, LayerQuant, plan_checkpoint
 from .safetensors_file import SafetensorsFile
 
 
@@ -39,13 +41,23 @@ def scaled_fp8_as_w8a8(plan: CheckpointPlan) -> CheckpointPlan:
 
 
 def normalized_state_dict(f, plan: CheckpointPlan) -> dict[str, torch.Tensor]:
-    """Every tensor of `f` (a SafetensorsFile or PthFile), scales renamed and reshaped as above."""
+    """Every tensor of `f` (a SafetensorsFile or PthFile), scales renamed and reshaped as above; what it
+    folded (mxfp8 block scales) is added to `plan.notes` for the report."""
     by_scale_key = {q.scale_key: q for q in plan.layers.values() if q.scale_key}
+    block_scaled = {q.weight_key: q for q in plan.layers.values() if q.block_scaled == MXFP8}
     ignored = set(plan.ignored_keys)
     sd: dict[str, torch.Tensor] = {}
+    rounded = 0
     for key in f.keys():
         if key in ignored:
             continue
+        q = block_scaled.get(key)
+        if q is not None:
+            sd[key], sd[q.layer + ".weight_scale"], n = _mxfp8_per_channel(f, q)
+            rounded += n
+            continue
+        if key in by_scale_key and by_scale_key[key].block_scaled:
+            continue  # read with its weight
         if plan.layers and key.endswith(".scale_input") and _layer_quantized(plan, key, ".scale_input"):
             continue  # static input scales: the fp8-scaled path computes in the model dtype
         q = by_scale_key.get(key)
@@ -56,7 +68,16 @@ def normalized_state_dict(f, plan: CheckpointPlan) -> dict[str, torch.Tensor]:
     for q in plan.layers.values():
         if q.scale_key is None:
             sd[q.layer + ".weight_scale"] = torch.ones((), dtype=torch.float32)
+    if block_scaled:
+        plan.notes.append(f"{len(block_scaled)} mxfp8 layers read onto one power-of-two scale per channel"
+                          + (f" ({rounded} values below fp8's normal range rounded)" if rounded else " (exactly)"))
     return sd
+
+
+def _mxfp8_per_channel(f, q: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, int]:
+    out_f, in_f = q.shape
+    exponents = unswizzle(f.get(q.scale_key).view(torch.uint8), out_f, in_f // MX_BLOCK)
+    return mxfp8_to_per_channel(f.get(q.weight_key), exponents)
 
 
 def _layer_quantized(plan: CheckpointPlan, key: str, suffix: str) -> bool:
@@ -65,7 +86,7 @@ def _layer_quantized(plan: CheckpointPlan, key: str, suffix: str) -> bool:
 
 def _normalize_scale(scale: torch.Tensor, scheme: str, shape: tuple[int, int]) -> torch.Tensor:
     scale = scale.to(torch.float32)
-    if scheme in ("fp8-w8a8", "int8-w8a8"):
+    if scheme in ("fp8-w8a8", "int8-w8a8", "fp8-weight-only", "int8-weight-only"):
         # [out, 1]; a per-tensor scale (ComfyUI's formats) serves every channel
         return scale.reshape(-1, 1).expand(shape[0], 1).contiguous()
     if scheme == "fp8-scaled":

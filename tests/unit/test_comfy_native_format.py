@@ -110,7 +110,7 @@ def test_header_metadata_wins_over_an_in_file_entry(tmp_path):
     refused(write(tmp_path, sd, name="no_header.safetensors"), A, "nvfp4")
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "convrot_w4a4"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "convrot_w4a4"])
 def test_formats_without_a_kernel_here_are_refused_by_name(tmp_path, fmt):
     sd = fp8_layer(A)
     sd[A + ".comfy_quant"] = conf(format=fmt)
