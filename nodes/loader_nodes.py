@@ -31,7 +31,7 @@ class QuantDiTLoader(io.ComfyNode):
             category="QuantDiT/loaders",
             has_intermediate_output=True,
             description="Loads a pre-quantized diffusion transformer (LightX2V int8/fp8, LLMC export, "
-                        "ComfyUI scaled fp8, or ComfyUI's own fp8 / int8 quantized files) from "
+                        "ComfyUI scaled fp8, or ComfyUI's own fp8 / int8 / mxfp8 quantized files) from "
                         "models/diffusion_models. The MODEL output feeds KSampler like any other.",
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
