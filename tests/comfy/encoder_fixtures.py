@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from quant.encoders import umt5
 from quant.convert import convert
+from scripts.comfy_quantized import comfy_quantized
 from scripts.tiny_encoders import clip_wan, lightx2v_quantize, train_spiece, umt5_wan
 
 T5_DIM = 64  # the tiny Wan DiT of the text-to-video test is built with this text_dim
@@ -40,7 +41,14 @@ def write_t5_files(folder) -> dict[str, str]:
     # ComfyUI's own layout (comfy_quant entries), int8 as int8_tensorwise.
     names["comfy-int8"] = "umt5_tiny_int8_comfy.safetensors"
     convert(os.path.join(folder, names["comfy-bf16"]), os.path.join(folder, names["comfy-int8"]), "int8-w8a8", "comfyui")
+    # ComfyUI's own quantizer: mxfp8 block linears (header layout).
+    names["comfy-mxfp8"] = "umt5_tiny_mxfp8_comfy.safetensors"
+    mx_sd, mx_meta = comfy_quantized(comfy_sd, "mxfp8", lambda k: k.endswith(_T5_LINEARS))
+    save_file(mx_sd, os.path.join(folder, names["comfy-mxfp8"]), metadata=mx_meta)
     return names
+
+
+_T5_LINEARS = tuple(f".{n}.weight" for n in ("q", "k", "v", "o", "wi_0", "wi_1", "wo"))
 
 
 def write_clip_files(folder) -> dict[str, str]:

@@ -24,7 +24,8 @@ import wan_fixtures
 from scripts.tiny_models import save, wan21_dit, wan21_metadata
 
 PROMPT = "a cat walks on the beach at sunset"
-T5_TOL = {"int8": 0.06, "fp8": 0.2, "int8-safetensors": 0.06, "comfy-fp8-scaled": 0.15, "comfy-int8": 0.06}
+T5_TOL = {"int8": 0.06, "fp8": 0.2, "int8-safetensors": 0.06, "comfy-fp8-scaled": 0.15, "comfy-int8": 0.06,
+          "comfy-mxfp8": 0.15}
 
 
 def rel_err(a, b):
@@ -153,7 +154,8 @@ def test_t5_comfy_layout_with_embedded_tokenizer_equals_wan_layout(comfy, t5_fil
 
 @pytest.mark.parametrize("variant,scheme", [("int8", "int8-w8a8"), ("fp8", "fp8-w8a8"),
                                             ("int8-safetensors", "int8-w8a8"),
-                                            ("comfy-fp8-scaled", "fp8-scaled"), ("comfy-int8", "int8-w8a8")])
+                                            ("comfy-fp8-scaled", "fp8-scaled"), ("comfy-int8", "int8-w8a8"),
+                                            ("comfy-mxfp8", "fp8-w8a8")])
 def test_t5_quantized_files_encode_close_to_bf16(comfy, t5_files, t5_baseline, variant, scheme):
     clip, report = load_t5(comfy, t5_files[1][variant])
     assert f"{scheme}: 14 layers" in report, report  # 2 blocks x (q, k, v, o, wi_0, wi_1, wo)
