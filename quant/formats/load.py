@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 
+from ..errors import CheckpointError
 from .block_scaled import MX_BLOCK, mxfp8_to_per_channel, unswizzle
 from .detect import COMFY_SCALED_FP8, MXFP8, CheckpointPlan, LayerQuant, plan_checkpoint
 from .safetensors_file import SafetensorsFile
@@ -77,7 +78,11 @@ def normalized_state_dict(f, plan: CheckpointPlan) -> dict[str, torch.Tensor]:
 def _mxfp8_per_channel(f, q: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, int]:
     out_f, in_f = q.shape
     exponents = unswizzle(f.get(q.scale_key).view(torch.uint8), out_f, in_f // MX_BLOCK)
-    return mxfp8_to_per_channel(f.get(q.weight_key), exponents)
+    try:
+        return mxfp8_to_per_channel(f.get(q.weight_key), exponents)
+    except ValueError as e:
+        raise CheckpointError(f.path, f"mxfp8 weight_scale is unusable: {e}.",
+                              "re-export the checkpoint; the file is damaged.", q.layer) from None
 
 
 def _layer_quantized(plan: CheckpointPlan, key: str, suffix: str) -> bool:

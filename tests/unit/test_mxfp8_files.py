@@ -126,3 +126,8 @@ def test_a_nan_block_scale_is_refused(tmp_path):
     e[3, 1] = 255
     with pytest.raises(ValueError, match="NaN"):
         mxfp8_to_per_channel(q, e)
+    save_file({A + ".weight": q, A + ".weight_scale": swizzle(e), A + ".comfy_quant": entry()},
+              str(tmp_path / "nan.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(str(tmp_path / "nan.safetensors"))
+    assert err.value.layer == A and "NaN" in str(err.value) and "nan.safetensors" in str(err.value)
