@@ -2,7 +2,8 @@
 
 Layouts understood (detected per layer, never guessed silently):
 - LightX2V / LLMC export: ``X.weight`` int8 or fp8 e4m3 with ``X.weight_scale`` float32 of shape
-  [out, 1] (per channel, W8A8) or [ceil(out/128), ceil(in/128)] (fp8 block-128).
+  [out, 1] (per channel, W8A8) or [ceil(out/128), ceil(in/128)] (fp8 block-128); LightX2V's mxfp8
+  (e4m3 bytes with E8M0 block scales, as ComfyUI's mxfp8).
 - ComfyUI scaled fp8: a ``scaled_fp8`` marker tensor and ``X.scale_weight`` per-tensor scales.
 - ComfyUI's per-layer quantization entries, ``X.comfy_quant`` tensors (what ComfyUI saves) or the
   ``_quantization_metadata`` header: float8_e4m3fn / float8_e5m2 with a per-tensor ``X.weight_scale``,
@@ -120,9 +121,17 @@ def _plan_lightx2v(f: SafetensorsFile) -> CheckpointPlan:
         layer = _layer_of(key, ".weight")
         if layer is None:
             continue
-        _check_dtype(f, key, layer)
         dt = f.dtype_name(key)
         scale_key = layer + ".weight_scale"
+        if scale_key in keys and f.dtype_name(scale_key) in _MX_SCALE_DTYPES:
+            plan.layers[layer] = _lightx2v_mx_layer(f, layer, key, scale_key)
+            continue
+        if dt == "U8" and scale_key in keys:
+            raise CheckpointError(f.path, "is stored as packed 4-bit (LightX2V's w4a4-nvfp4 or mxfp4/mxfp6), "
+                                  "which QuantDiT has no kernel for.",
+                                  "convert the original model to int8 or fp8 (python -m quant.convert, or "
+                                  "LightX2V's converter).", layer)
+        _check_dtype(f, key, layer)
         if dt not in QUANT_DTYPES:
             if scale_key in keys:
                 raise CheckpointError(f.path, f"has a weight_scale but its weight is {dt}, not "
@@ -180,6 +189,20 @@ def _scheme_from_scale_shape(f, layer, fmt, sshape, out_f, in_f) -> str:
     raise CheckpointError(f.path, f"weight_scale has shape {list(sshape)} but the {fmt} weight is "
                           f"[{out_f}, {in_f}]; expected {expected}.",
                           "re-export the checkpoint; the scale does not belong to this weight.", layer)
+
+
+_MX_SCALE_DTYPES = ("F8_E8M0",)
+
+
+def _lightx2v_mx_layer(f: SafetensorsFile, layer: str, key: str, scale_key: str) -> LayerQuant:
+    """LightX2V's w8a8-mxfp8: the e4m3 bytes (stored as uint8 or fp8) and E8M0 block scales in the
+    same tile order as ComfyUI's mxfp8."""
+    if f.dtype_name(key) not in ("U8", "F8_E4M3"):
+        raise CheckpointError(f.path, f"has E8M0 block scales but its weight is {f.dtype_name(key)}, not the "
+                              "fp8 bytes of mxfp8.", "re-export the checkpoint.", layer)
+    out_f, in_f = _require_linear(f, layer, key)
+    _check_mx_scale(f, layer, scale_key, out_f, in_f)
+    return LayerQuant(layer, "fp8-w8a8", LIGHTX2V, key, scale_key, (out_f, in_f), block_scaled=MXFP8)
 
 
 def _plan_comfy_scaled_fp8(f: SafetensorsFile) -> CheckpointPlan:

@@ -78,8 +78,11 @@ def normalized_state_dict(f, plan: CheckpointPlan) -> dict[str, torch.Tensor]:
 def _mxfp8_per_channel(f, q: LayerQuant) -> tuple[torch.Tensor, torch.Tensor, int]:
     out_f, in_f = q.shape
     exponents = unswizzle(f.get(q.scale_key).view(torch.uint8), out_f, in_f // MX_BLOCK)
+    weight = f.get(q.weight_key)
+    if weight.dtype == torch.uint8:  # LightX2V stores the e4m3 bytes as uint8
+        weight = weight.view(torch.float8_e4m3fn)
     try:
-        return mxfp8_to_per_channel(f.get(q.weight_key), exponents)
+        return mxfp8_to_per_channel(weight, exponents)
     except ValueError as e:
         raise CheckpointError(f.path, f"mxfp8 weight_scale is unusable: {e}.",
                               "re-export the checkpoint; the file is damaged.", q.layer) from None

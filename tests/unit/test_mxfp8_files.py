@@ -131,3 +131,28 @@ def test_a_nan_block_scale_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(str(tmp_path / "nan.safetensors"))
     assert err.value.layer == A and "NaN" in str(err.value) and "nan.safetensors" in str(err.value)
+
+
+@pytest.mark.parametrize("stored_as", [torch.uint8, torch.float8_e4m3fn])
+def test_lightx2v_mxfp8_layers_load_as_fp8_w8a8(tmp_path, stored_as):
+    # LightX2V's w8a8-mxfp8 export: the e4m3 bytes (its quantizer returns them as uint8) and E8M0
+    # scales in the same tile order, no comfy_quant entry.
+    q, e = mx_weight(96, 160)
+    sd = {A + ".weight": q.view(stored_as), A + ".weight_scale": swizzle(e).view(torch.float8_e8m0fnu),
+          A + ".bias": torch.randn(96), "head.weight": torch.randn(8, 8)}
+    save_file(sd, str(tmp_path / "lx.safetensors"))
+    out, plan, _ = load_checkpoint(str(tmp_path / "lx.safetensors"))
+    assert plan.layers[A].scheme == "fp8-w8a8" and plan.layers[A].layout == "lightx2v"
+    assert out[A + ".weight"].dtype == torch.float8_e4m3fn
+    w = R.dequantize_weight(out[A + ".weight"], out[A + ".weight_scale"], get_scheme("fp8-w8a8"), 160)
+    assert torch.equal(w, dequantize_mxfp8(q, e)) and "head.weight" not in plan.layers
+
+
+def test_lightx2v_packed_4bit_layers_are_refused(tmp_path):
+    sd = {A + ".weight": torch.zeros(96, 80, dtype=torch.uint8),
+          A + ".weight_scale": torch.zeros(128, 12).to(torch.float8_e4m3fn),
+          A + ".weight_global_scale": torch.tensor(1.0)}
+    save_file(sd, str(tmp_path / "fp4.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(str(tmp_path / "fp4.safetensors"))
+    assert err.value.layer == A and "nvfp4" in str(err.value) and "int8 or fp8" in str(err.value)
