@@ -160,3 +160,16 @@ def test_formats_without_a_kernel_are_refused(comfy, models_dir, files, fmt):
     msg = str(e.value)
     assert type(e.value).__name__ == "CheckpointError" and name in msg and fmt in msg, msg
     assert "layer 'blocks." in msg and "Load Diffusion Model" in msg, msg
+
+
+def test_lightx2v_mxfp8_export_loads_as_comfyui_mxfp8(comfy, models_dir, files):
+    # LightX2V's w8a8-mxfp8 export holds the same tensors without ComfyUI's entries, its e4m3 bytes
+    # as uint8 (what its quantizer returns): the same model.
+    sd = load_file(os.path.join(models_dir, files["mxfp8", "header"]))
+    lightx2v = {k: (v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v) for k, v in sd.items()}
+    assert sum(v.dtype == torch.uint8 for v in lightx2v.values()) == QUANTIZED
+    save_file(lightx2v, os.path.join(models_dir, "cn_mxfp8_lightx2v.safetensors"))
+    model, report = load(comfy, "cn_mxfp8_lightx2v.safetensors")
+    assert f"fp8-w8a8: {QUANTIZED} layers" in report and "lightx2v" in report, report
+    header, _ = load(comfy, files["mxfp8", "header"])
+    assert torch.equal(sample(comfy, model), sample(comfy, header))
