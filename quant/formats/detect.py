@@ -38,6 +38,8 @@ _COMFY_FORMATS = {"float8_e4m3fn": ("F8_E4M3", "fp8-scaled"), "float8_e5m2": ("F
 _COMFY_UNSERVED = {"nvfp4": "4-bit NVFP4 weights and activations, for Blackwell tensor cores",
                    "convrot_w4a4": "4-bit weights and activations with a Hadamard rotation"}
 MXFP8 = "mxfp8"
+# mxfp8 block scales: E8M0 (what marks a LightX2V mxfp8 layer), or its bytes as uint8 (ComfyUI reads both)
+MX_SCALE_DTYPE = "F8_E8M0"
 # What a W8A8 layer runs where the file asks for a full-precision matmul (full_precision_matrix_mult):
 # the same weight, widened for a matmul in the model dtype, as ComfyUI computes it.
 _FLOAT_MATMUL_OF = {"fp8-w8a8": "fp8-weight-only", "int8-w8a8": "int8-weight-only"}
@@ -123,7 +125,7 @@ def _plan_lightx2v(f: SafetensorsFile) -> CheckpointPlan:
             continue
         dt = f.dtype_name(key)
         scale_key = layer + ".weight_scale"
-        if scale_key in keys and f.dtype_name(scale_key) in _MX_SCALE_DTYPES:
+        if scale_key in keys and f.dtype_name(scale_key) == MX_SCALE_DTYPE:
             plan.layers[layer] = _lightx2v_mx_layer(f, layer, key, scale_key)
             continue
         if dt == "U8" and scale_key in keys:
@@ -189,9 +191,6 @@ def _scheme_from_scale_shape(f, layer, fmt, sshape, out_f, in_f) -> str:
     raise CheckpointError(f.path, f"weight_scale has shape {list(sshape)} but the {fmt} weight is "
                           f"[{out_f}, {in_f}]; expected {expected}.",
                           "re-export the checkpoint; the scale does not belong to this weight.", layer)
-
-
-_MX_SCALE_DTYPES = ("F8_E8M0",)
 
 
 def _lightx2v_mx_layer(f: SafetensorsFile, layer: str, key: str, scale_key: str) -> LayerQuant:
@@ -328,7 +327,7 @@ def _check_mx_scale(f: SafetensorsFile, layer: str, scale_key: str, out_f: int, 
                               "re-export the checkpoint.", layer)
     expected = swizzled_scale_shape(out_f, in_f // MX_BLOCK)
     dt = f.dtype_name(scale_key)
-    if dt not in ("F8_E8M0", "U8") or tuple(f.shape(scale_key)) != expected:
+    if dt not in (MX_SCALE_DTYPE, "U8") or tuple(f.shape(scale_key)) != expected:
         raise CheckpointError(f.path, f"weight_scale is {dt} {list(f.shape(scale_key))}; an mxfp8 weight of "
                               f"[{out_f}, {in_f}] has E8M0 block scales of {list(expected)} (cuBLAS tile order).",
                               "re-export the checkpoint; the scale does not belong to this weight.", layer)
